@@ -1,0 +1,190 @@
+"""Options schema, checkpoints, data order and the template-update arithmetic."""
+
+import argparse
+
+import pytest
+import torch
+
+from utils.checkpoints import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from utils.data import EpochSampler, SeededItems
+from utils.options import build_parser, derive, load_options, parse_options, save_options
+from utils.template_update import bad_samples, step_template
+
+# ----------------------------------------------------------------------------- options
+
+
+def test_readme_abbreviations_resolve_to_full_flags():
+    opts = parse_options(["--batch", "48", "--drop", "0.2,0.2,0", "--clean", "0.36,0.49", "--em", "7"], {})
+    assert opts.batchSize == 48
+    assert opts.droprate == "0.2,0.2,0"
+    assert opts.clean_threshold == "0.36,0.49"
+    assert opts.em == 7.0 and opts.em_gap == 1  # exact name wins over the --em_gap prefix
+
+
+@pytest.mark.parametrize("flag", ["bg", "swa", "chamfer", "amsgrad", "white", "coordconv", "hard", "L1"])
+def test_every_boolean_switches_both_ways(flag):
+    on = parse_options([f"--{flag}"], {})
+    off = parse_options([f"--no-{flag}"], {})
+    assert getattr(on, flag) is True and getattr(off, flag) is False
+
+
+def test_script_defaults_and_synthetic_preset_yield_to_the_command_line():
+    market = {"name": "baseline-MKT", "ratio": 2.0, "imageSize": 64}
+    opts = parse_options([], market)
+    assert (opts.name, opts.ratio, opts.imageSize) == ("baseline-MKT", 2.0, 64)
+    synth = parse_options(["--dataset", "synthetic", "--imageSize", "32"], market)
+    assert synth.imageSize == 32 and synth.pretraint == "none" and synth.niter == 12
+
+
+def test_unknown_script_default_is_rejected():
+    with pytest.raises(ValueError, match="unknown option"):
+        build_parser({"not_a_flag": 1})
+
+
+def test_derived_values_are_computed_once_and_checked():
+    opts = parse_options(["--imageSize", "96", "--ratio", "1.666666", "--niter", "500"], {})
+    d = derive(opts)
+    assert (d.height, d.width) == (160, 96)
+    assert d.swa_start == 400 and d.elev_range == (0.0, 30.0) and d.threshold == (0.16, 0.64)
+    assert derive(parse_options(["--niter", "20"], {})).swa_start == 10
+    with pytest.raises(ValueError, match="droprate"):
+        derive(argparse.Namespace(**{**vars(opts), "droprate": "0.2,0.2"}))
+    with pytest.raises(ValueError, match="dist_range"):
+        parse_options(["--dist_range", "0.5~3"], {})
+
+
+def test_options_yaml_round_trip(tmp_path):
+    opts = parse_options(["--name", "x", "--lr", "7e-5", "--bg"], {})
+    save_options(opts, tmp_path / "opts.yaml")
+    assert vars(load_options(tmp_path / "opts.yaml")) == vars(opts)
+    with pytest.raises(FileNotFoundError, match="run name"):
+        load_options(tmp_path / "missing" / "opts.yaml")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_is_atomic_and_round_trips(tmp_path, monkeypatch):
+    path = tmp_path / "ckpts" / "latest.pt"
+    save_checkpoint({"w": torch.arange(3.0)}, path)
+    assert torch.equal(load_checkpoint(path)["w"], torch.arange(3.0))
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["w"], torch.arange(3.0))  # old file intact
+    assert [p.name for p in path.parent.iterdir()] == ["latest.pt"]  # no temp file left
+    with pytest.raises(FileNotFoundError, match="train the run first"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_rng_state_round_trip():
+    seed_everything(3)
+    state = rng_state()
+    a = torch.rand(4)
+    set_rng_state(state)
+    assert torch.equal(torch.rand(4), a)
+
+
+# ----------------------------------------------------------------------------- data order
+
+
+def _batches(sampler, bs):
+    pairs = list(sampler)
+    return [pairs[i:i + bs] for i in range(0, len(pairs), bs)]
+
+
+def test_sampler_is_seeded_per_epoch_and_resumes_mid_epoch():
+    s = EpochSampler(10, batch_size=3, seed=1)
+    s.set_epoch(0)
+    full = _batches(s, 3)
+    assert len(full) == 3 and len({i for b in full for _, i in b}) == 9  # drop_last, no repeats
+    s.set_epoch(0, start_batch=2)
+    assert _batches(s, 3) == full[2:]
+    s.set_epoch(1)
+    assert [i for _, i in list(s)] != [i for b in full for _, i in b]
+
+
+def test_sampler_shards_global_batches_over_ranks():
+    single = EpochSampler(12, batch_size=4, seed=0)
+    ranks = [EpochSampler(12, batch_size=2, seed=0, rank=r, world_size=2) for r in range(2)]
+    for s in (single, *ranks):
+        s.set_epoch(5)
+    full = [i for _, i in single]
+    r0, r1 = ([i for _, i in s] for s in ranks)
+    assert r0[:2] + r1[:2] + r0[2:4] + r1[2:4] + r0[4:] + r1[4:] == full
+    with pytest.raises(ValueError, match="cannot fill one batch"):
+        EpochSampler(3, batch_size=2, seed=0, world_size=2)
+
+
+def test_seeded_items_are_worker_independent_and_leave_the_caller_rng_alone():
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            return torch.rand(2)
+
+    items = SeededItems(Noisy(), seed=7)
+    torch.manual_seed(0)
+    expected_next = torch.rand(1)
+    torch.manual_seed(0)
+    first = items[(3, 2)]
+    assert torch.equal(torch.rand(1), expected_next)
+    assert torch.equal(items[(3, 2)], first)
+    assert not torch.equal(items[(4, 2)], first)
+
+
+# ----------------------------------------------------------------------------- template update
+
+
+def test_bad_samples_look_at_every_vertex():
+    delta = torch.zeros(3, 5, 3)
+    delta[1, 2] = 0.45  # one wild vertex in the middle
+    delta[2, :, 0] = 0.3  # large but below the limit everywhere
+    assert bad_samples(delta).tolist() == [False, True, False]
+
+
+def _path_laplacian(n):
+    lap = torch.zeros(n, n)
+    for i in range(n):
+        nb = [j for j in (i - 1, i + 1) if 0 <= j < n]
+        lap[i, i] = -1
+        lap[i, nb] = 1 / len(nb)
+    return lap
+
+
+def test_template_step_matches_hand_computation():
+    template = torch.tensor([[0.0, 0, 1], [1, 0, -1], [2, 0, 1]])
+    offsets = torch.tensor([[0.0, 0, 0], [0.3, 0, 0], [0.0, 0, 0]])  # already a sum over 2 samples
+    lap = _path_laplacian(3)
+    out = step_template(template, offsets, 2, lap, em=1, step=0.1, warm_up=1.0, smooth=0.5,
+                        clip=0.05, white=False, reject_crossing=False)
+    # mean = (0, .15, 0) in x; one smoothing pass: x += 0.5 * (L x) = (.075, .075, .075); clip .05
+    assert torch.allclose(out.verts[:, 0], template[:, 0] + 0.1 * 0.05)
+    assert out.accepted and out.used == 2 and out.crossings == 0
+    # em 7: three passes; white re-centres
+    out7 = step_template(template, offsets, 2, lap, em=7, step=0.1, warm_up=1.0, smooth=0.5,
+                         clip=1.0, white=True, reject_crossing=False)
+    delta = offsets / 2
+    for _ in range(3):
+        delta = delta + 0.5 * lap @ delta
+    expected = template + 0.1 * delta
+    assert torch.allclose(out7.verts, expected - expected.mean(0))
+
+
+def test_template_step_rejects_crossings_and_tiny_counts():
+    template = torch.tensor([[0.0, 0, 0.001], [1, 0, -1], [2, 0, 1]])
+    push = torch.tensor([[0.0, 0, -1.0], [0, 0, 0], [0, 0, 0]])
+    lap = _path_laplacian(3)
+    kw = dict(em=1, step=1.0, warm_up=1.0, smooth=0.0, clip=0.05, white=False)
+    crossed = step_template(template, push * 2, 2, lap, reject_crossing=False, **kw)
+    assert crossed.crossings == 1 and crossed.accepted
+    kept = step_template(template, push * 2, 2, lap, reject_crossing=True, **kw)
+    assert not kept.accepted and torch.equal(kept.verts, template)
+    assert not step_template(template, push, 1, lap, reject_crossing=False, **kw).accepted

@@ -1,0 +1,279 @@
+"""The one flag schema shared by `train.py`, `train_market.py` and `train_ATR2.py`.
+
+Each training script only changes defaults (`parse_options(argv, script_defaults)`); the flag names
+are the original code's, so its README commands keep working, including the abbreviations they rely
+on (`--batch` -> `--batchSize`, `--drop` -> `--droprate`, `--clean` -> `--clean_threshold`).
+
+Rules:
+- every boolean can be switched both ways (`--bg` / `--no-bg`);
+- no value is rewritten after parsing: quantities derived from several flags (image height, the
+  parsed ranges, the SWA start, ...) are computed once by `derive(opts)`;
+- `--dataset synthetic` selects the embedded synthetic dataset, and with it a small, CPU-friendly
+  preset of defaults (`SYNTHETIC_PRESET`); flags given on the command line still win.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+DATASETS = ("cub", "market", "atr", "synthetic")
+BACKBONES = ("none", "res18", "res34", "res50", "hr18sv2")
+SCHEDULERS = ("cosine", "step", "restart", "restart2", "restart1", "exp")
+
+# Defaults a `--dataset synthetic` run uses unless the command line says otherwise: small images,
+# from-scratch backbones and a short schedule, so the quick start trains on a CPU in minutes.
+SYNTHETIC_PRESET = dict(
+    dataroot="./data/synthetic",
+    imageSize=64,
+    ratio=1.0,
+    batchSize=16,
+    niter=12,
+    warm_epoch=2,
+    eval_every=4,
+    em_gap=2,
+    pretrains="none",
+    pretrainc="none",
+    pretraint="none",
+    threshold="0.01,0.99",
+    clean_threshold="0.01,0.99",
+    workers=2,
+    synthetic_train=512,
+    synthetic_test=64,
+)
+
+
+def _range(text: str, sep: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.replace(" ", "").split(sep))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'min{sep}max', got {text!r}") from None
+    if lo > hi:
+        raise argparse.ArgumentTypeError(f"range {text!r} has min > max")
+    return lo, hi
+
+
+def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
+    """The full schema; `defaults` (flag dest -> value) overrides the generic defaults below."""
+    p = argparse.ArgumentParser(
+        description="Train 3D Magic Mirror: single-image textured mesh, camera and light, learned by "
+        "re-rendering. Everything a run writes goes to log/<name>/.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    bool_flag = dict(action=argparse.BooleanOptionalAction)
+
+    g = p.add_argument_group("run")
+    g.add_argument("--name", default="baseline", help="run name; the run folder is log/<name>")
+    g.add_argument("--log_root", default="./log", help="folder that holds the run folders")
+    g.add_argument("--resume", **bool_flag, default=False,
+                   help="continue log/<name> from ckpts/latest.pt exactly where it stopped")
+    g.add_argument("--manualSeed", type=int, default=0, help="seed of every random generator")
+    g.add_argument("--device", default="auto", help="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'")
+    g.add_argument("--eval_every", type=int, default=20,
+                   help="evaluate on the test split (mask IoU, SSIM) every this many epochs, and at the end")
+    g.add_argument("--vis_every", type=int, default=10, help="write image grids and meshes every this many epochs")
+    g.add_argument("--max_bad_steps", type=int, default=5,
+                   help="stop with an error after this many consecutive steps with a non-finite loss")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=DATASETS, default="cub", help="which dataset loader to use")
+    g.add_argument("--dataroot", default="./data/CUB_Data", help="dataset root folder")
+    g.add_argument("--imageSize", type=int, default=128, help="image width W in pixels")
+    g.add_argument("--ratio", type=float, default=1.0, help="image height / width; H = round(ratio * W)")
+    g.add_argument("--batchSize", type=int, default=32, help="images per step")
+    g.add_argument("--workers", type=int, default=4, help="data-loader worker processes")
+    g.add_argument("--prefetch_factor", type=int, default=3, help="batches each worker loads ahead")
+    g.add_argument("--threshold", default="0.16,0.64",
+                   help="foreground-ratio window 'lo,hi' (exclusive) of the training images")
+    g.add_argument("--clean_threshold", default="0.25,0.49",
+                   help="foreground-ratio window 'lo,hi' of the images the template update averages")
+    g.add_argument("--bg", **bool_flag, default=False,
+                   help="keep the real background in the input and predict a background image")
+    g.add_argument("--synthetic_train", type=int, default=2048, help="synthetic dataset: training images")
+    g.add_argument("--synthetic_test", type=int, default=256, help="synthetic dataset: test images")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--template_path", default=None,
+                   help="template .obj; default: the built-in 642-vertex icosphere")
+    g.add_argument("--ellipsoid", type=float, default=1.0,
+                   help="template squash: z/2 unless -1; x and z further divided by this value unless 1")
+    g.add_argument("--pretrains", choices=BACKBONES, default="hr18sv2", help="shape-encoder backbone")
+    g.add_argument("--pretrainc", choices=BACKBONES, default="none", help="camera-encoder backbone")
+    g.add_argument("--pretraint", choices=BACKBONES, default="res34", help="texture-encoder backbone")
+    g.add_argument("--pretrained", **bool_flag, default=True,
+                   help="initialise ResNet/HRNet backbones with ImageNet weights (needs them locally)")
+    g.add_argument("--norm", choices=("bn", "in", "none"), default="bn", help="normalisation of conv blocks")
+    g.add_argument("--nk", type=int, default=5, help="kernel size of the first camera conv and the light convs")
+    g.add_argument("--droprate", default="0.2,0.2,0.2",
+                   help="dropout 'camera&light,shape,texture&background'")
+    g.add_argument("--coordconv", **bool_flag, default=True, help="append coordinate channels before selected convs")
+    g.add_argument("--nolpl", **bool_flag, default=False,
+                   help="ablation: no template-local features in the camera and shape encoders")
+    g.add_argument("--gan_type", choices=("wgan", "lsgan"), default="wgan",
+                   help="wgan: single critic with gradient penalty; lsgan: multi-scale least squares")
+    g.add_argument("--unmask", type=int, choices=(0, 1, 2), default=0,
+                   help="critic input: 0 RGB on white by the mask, 1 RGB only, 2 RGB + mask")
+
+    g = p.add_argument_group("camera ranges")
+    g.add_argument("--azi_scope", type=float, default=360.0, help="azimuth range in degrees")
+    g.add_argument("--elev_range", default="0~30", help="elevation range in degrees, 'min~max'")
+    g.add_argument("--dist_range", default="2~7", help="camera distance range, 'min~max'")
+    g.add_argument("--bias_range", type=float, default=0.3,
+                   help="random look-at offsets of the novel views are drawn from [-x, x]^2")
+    g.add_argument("--hard", **bool_flag, default=False,
+                   help="show the critic the reconstruction re-rendered from a random azimuth")
+    g.add_argument("--hard_range", type=int, default=0,
+                   help="half of the random azimuths of --hard are drawn from [x, 180-x] degrees")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--niter", type=int, default=600, help="number of epochs")
+    g.add_argument("--lr", type=float, default=1e-4, help="base learning rate (pretrained shape backbone: 0.05x)")
+    g.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (beta2 = 0.999)")
+    g.add_argument("--wd", type=float, default=0.0, help="weight decay")
+    g.add_argument("--amsgrad", **bool_flag, default=True, help="AMSGrad variant of Adam")
+    g.add_argument("--adamw", **bool_flag, default=False, help="AdamW instead of Adam for the encoders")
+    g.add_argument("--scheduler", choices=SCHEDULERS, default="cosine", help="per-epoch learning-rate schedule")
+    g.add_argument("--gamma", type=float, default=0.01,
+                   help="cosine schedules: eta_min = gamma * lr; step: the decay factor")
+    g.add_argument("--warm_epoch", type=int, default=40, help="epochs of the linear loss warm-up (0.01 -> 1)")
+    g.add_argument("--update_shape", type=int, default=1,
+                   help="encoder alternation: -1 cycles shape / texture+light / camera; 0 trains all; "
+                   "k>0 freezes the shape encoder except every k-th step, when the camera is frozen")
+    g.add_argument("--swa", **bool_flag, default=True, help="stochastic weight averaging of the encoders")
+    g.add_argument("--swa_start", type=int, default=None,
+                   help="first SWA epoch; default max(niter - 100, niter // 2)")
+    g.add_argument("--swa_interval", type=int, default=1, help="average every this many epochs")
+
+    g = p.add_argument_group("template update (EM)")
+    g.add_argument("--em", type=float, default=1.0,
+                   help="0: fixed template; >0: move it toward the mean predicted offset; "
+                   ">=6: int(em-5) extra smoothing passes")
+    g.add_argument("--em_gap", type=int, default=1, help="update the template every this many epochs")
+    g.add_argument("--em_step", type=float, default=0.1, help="initial template step, x0.99 after each update")
+    g.add_argument("--smooth", type=float, default=0.5, help="Laplacian smoothing step of the averaged offset")
+    g.add_argument("--clip", type=float, default=0.05, help="per-coordinate clip of the averaged offset")
+    g.add_argument("--white", **bool_flag, default=True, help="centre meshes and the template (zero mean)")
+    g.add_argument("--cross", **bool_flag, default=False,
+                   help="reject a template update that flips the z sign of any vertex")
+    g.add_argument("--update_bn", **bool_flag, default=False,
+                   help="re-estimate the encoders' BatchNorm statistics after each template update")
+
+    g = p.add_argument_group("loss weights")
+    g.add_argument("--lambda_data", type=float, default=1.0, help="image L1 + soft-mask IoU")
+    g.add_argument("--image_weight", type=float, default=1.0, help="weight of the RGB L1 inside the data loss")
+    g.add_argument("--lambda_contour", type=float, default=0.0, help="silhouette-contour term inside the data loss")
+    g.add_argument("--lambda_reg", type=float, default=0.1, help="multiplies Laplacian + flatness")
+    g.add_argument("--lambda_lpl", type=float, default=0.1, help="Laplacian weight inside lambda_reg")
+    g.add_argument("--lambda_flat", type=float, default=0.001, help="flatness weight inside lambda_reg")
+    g.add_argument("--lambda_edge", type=float, default=0.001, help="edge-length uniformity")
+    g.add_argument("--lambda_deform", type=float, default=0.1, help="mean offset norm")
+    g.add_argument("--lambda_depth", type=float, default=0.0, help="plain z^2 depth regulariser")
+    g.add_argument("--lambda_depthR", type=float, default=0.0, help="exponentially weighted depth regulariser")
+    g.add_argument("--lambda_depthC", type=float, default=0.0, help="quadratically weighted depth regulariser")
+    g.add_argument("--temp", type=float, default=2.0, help="temperature of the depthR weight")
+    g.add_argument("--lambda_flipz", type=float, default=0.1, help="front/back (z-mirror) symmetry of offsets")
+    g.add_argument("--flipL1", **bool_flag, default=False,
+                   help="symmetry loss per coordinate (L1) instead of per-vertex Euclidean")
+    g.add_argument("--lambda_ic", type=float, default=1.0, help="attribute-cycle loss on re-encoded novel views")
+    g.add_argument("--azim", type=float, default=1.0, help="azimuth weight inside the attribute-cycle camera loss")
+    g.add_argument("--L1", **bool_flag, default=False, help="attribute-cycle loss in L1 (else squared error)")
+    g.add_argument("--chamfer", **bool_flag, default=True,
+                   help="attribute-cycle shape term is the Chamfer distance (else per-vertex L1/L2)")
+    g.add_argument("--lambda_gan", type=float, default=1e-4, help="adversarial weight (critic and encoders)")
+    g.add_argument("--ganw", type=float, default=1.0,
+                   help="weight of interpolated renders relative to --hard renders in the GAN terms")
+    g.add_argument("--gan_reg", type=float, default=10.0, help="gradient-penalty weight")
+
+    if defaults:
+        unknown = set(defaults) - {a.dest for a in p._actions}
+        if unknown:
+            raise ValueError(f"unknown option defaults: {sorted(unknown)}")
+        p.set_defaults(**defaults)
+    return p
+
+
+def parse_options(argv: list[str] | None, script_defaults: dict) -> argparse.Namespace:
+    """Parse a training command line on top of a script's defaults (and the synthetic preset)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--dataset", choices=DATASETS, default=script_defaults.get("dataset", "cub"))
+    known, _ = pre.parse_known_args(argv)
+    defaults = dict(script_defaults)
+    if known.dataset == "synthetic":
+        defaults.update(SYNTHETIC_PRESET)
+    opts = build_parser(defaults).parse_args(argv)
+    derive(opts)  # validates early: a bad range fails before anything is written
+    return opts
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Quantities computed from several flags, in one place."""
+
+    height: int
+    width: int
+    elev_range: tuple[float, float]
+    dist_range: tuple[float, float]
+    threshold: tuple[float, float]
+    clean_threshold: tuple[float, float]
+    drop_camera: float
+    drop_shape: float
+    drop_texture: float
+    swa_start: int
+    run_dir: Path
+
+
+def derive(opts: argparse.Namespace) -> Derived:
+    """Check the options and compute the derived values; raises ValueError with what to fix."""
+    try:
+        drops = [float(v) for v in opts.droprate.split(",")]
+    except ValueError:
+        drops = []
+    if len(drops) != 3:
+        raise ValueError(f"--droprate expects three comma-separated floats, got {opts.droprate!r}")
+    if opts.imageSize < 16 or opts.ratio <= 0:
+        raise ValueError("--imageSize must be >= 16 and --ratio > 0")
+    try:
+        elev = _range(opts.elev_range, "~")
+        dist = _range(opts.dist_range, "~")
+        thr = _range(opts.threshold, ",")
+        clean = _range(opts.clean_threshold, ",")
+    except argparse.ArgumentTypeError as err:
+        raise ValueError(f"bad range option: {err}") from None
+    if dist[0] <= 1.0:
+        raise ValueError("--dist_range must stay above 1 (the camera would enter the mesh)")
+    swa_start = opts.swa_start if opts.swa_start is not None else max(opts.niter - 100, opts.niter // 2)
+    return Derived(
+        height=round(opts.ratio * opts.imageSize),
+        width=opts.imageSize,
+        elev_range=elev,
+        dist_range=dist,
+        threshold=thr,
+        clean_threshold=clean,
+        drop_camera=drops[0],
+        drop_shape=drops[1],
+        drop_texture=drops[2],
+        swa_start=swa_start,
+        run_dir=Path(opts.log_root) / opts.name,
+    )
+
+
+def save_options(opts: argparse.Namespace, path: Path) -> None:
+    """Write the options as YAML (what test.py / show_rainbow2.py / demo.py rebuild the model from)."""
+    path.write_text(yaml.safe_dump(vars(opts), sort_keys=True))
+
+
+def load_options(path: Path) -> argparse.Namespace:
+    """Read a run's opts.yaml back, filling flags added since it was written with today's defaults."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is the run name right? Runs live in log/<name>/opts.yaml")
+    stored = yaml.safe_load(path.read_text()) or {}
+    opts = build_parser().parse_args([])
+    known = vars(opts)
+    unknown = set(stored) - set(known)
+    if unknown:
+        raise ValueError(f"{path} has options this version does not know: {sorted(unknown)}")
+    known.update(stored)
+    return opts
