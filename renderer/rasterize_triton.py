@@ -1,0 +1,558 @@
+"""Triton fast path of the DIB-R rasterizer (hard pass, soft silhouette, forward and backward).
+
+`renderer.rasterize.rasterize` calls `rasterize_triton` for CUDA tensors; the plain-PyTorch
+`rasterize_reference` stays the fallback and the test oracle. The semantics are those of
+spec/renderer-math.md §2–§3 (Kaolin v0.12 DIB-R); the arithmetic follows the reference step by
+step (scaled units, float32 pixel centres, IEEE division, no fused multiply-add) so the face index
+maps agree bit for bit.
+
+Three kernels:
+
+* `_bin_kernel`, one program per (image, pixel tile): the faces whose box enlarged by ``box_len``
+  can touch the tile, compacted in index order. Every later loop runs over these short lists
+  instead of all F faces.
+* `_forward_kernel`, one program per (image, pixel tile): the hard pass (running best depth with
+  the strict-greater rule, so ties keep the lowest face index), the interpolated features, then the
+  soft silhouette of the uncovered pixels, keeping the first ``knum`` candidates in index order with
+  a prefix count. It also records per pixel the index of the last accepted candidate, so the
+  backward can tell accepted faces apart without re-counting.
+* `_backward_kernel`, one program per (image, face): it visits the pixels of the face's enlarged
+  box, sums the barycentric gradient of the pixels the face won and the soft-mask gradient of the
+  uncovered pixels where it is a candidate, and writes the face's gradient once. No atomics, so
+  the backward is deterministic: the same inputs give bitwise the same gradients on every run.
+"""
+
+import os
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from renderer.rasterize import (
+    _AREA_EPS,
+    _DIST_EPS,
+    _FAR_SQ_NDC,
+    MULTIPLIER,
+    Rasterized,
+    _check_inputs,
+)
+
+# The reference's constants, as compile-time values for the kernels.
+_M = tl.constexpr(MULTIPLIER)
+_M2 = tl.constexpr(MULTIPLIER * MULTIPLIER)
+_AREA_EPS_C = tl.constexpr(_AREA_EPS)
+_DIST_EPS_C = tl.constexpr(_DIST_EPS)
+_FAR_SQ = tl.constexpr(_FAR_SQ_NDC * MULTIPLIER * MULTIPLIER)
+_NO_CUTOFF = tl.constexpr(2**31 - 1)  # fewer than knum candidates: every one is accepted
+
+# Launch shapes: forward pixel tiles of 8 x 16, faces in blocks; backward pixels per step.
+_TILE_H = 8
+_TILE_W = 16
+_BIN_BLOCK_F = 128
+_FWD_BLOCK_F = 16
+_FWD_WARPS = 4
+_BWD_BLOCK_P = 64
+_BWD_WARPS = 4
+
+
+@triton.jit
+def _div(a, b):
+    # Triton's float32 `/` is approximate; the reference divides with IEEE rounding.
+    if a.dtype == tl.float32:
+        return tl.math.div_rn(a, b)
+    else:
+        return a / b
+
+
+@triton.jit
+def _mul(a, b):
+    return a * b
+
+
+@triton.jit
+def _finite(x):
+    return tl.abs(x) < float("inf")
+
+
+@triton.jit
+def _pixel_centres(i, j, H, W, cx_scale, cy_scale, dtype: tl.constexpr):
+    # Scaled NDC centre of pixel (row i, column j), computed in float32 as Kaolin does.
+    px = cx_scale * (2 * j + 1 - W).to(tl.float32)
+    py = cy_scale * (H - 2 * i - 1).to(tl.float32)
+    return px.to(dtype), py.to(dtype)
+
+
+@triton.jit
+def _load_corners(fvi_ptr, face, mask):
+    # face: flat index b * F + f into the (B, F, 3, 2) tensor; returns the scaled corners.
+    x0 = tl.load(fvi_ptr + face * 6 + 0, mask=mask, other=0.0) * _M
+    y0 = tl.load(fvi_ptr + face * 6 + 1, mask=mask, other=0.0) * _M
+    x1 = tl.load(fvi_ptr + face * 6 + 2, mask=mask, other=0.0) * _M
+    y1 = tl.load(fvi_ptr + face * 6 + 3, mask=mask, other=0.0) * _M
+    x2 = tl.load(fvi_ptr + face * 6 + 4, mask=mask, other=0.0) * _M
+    y2 = tl.load(fvi_ptr + face * 6 + 5, mask=mask, other=0.0) * _M
+    return x0, y0, x1, y1, x2, y2
+
+
+@triton.jit
+def _face_finite(fvi_ptr, fvz_ptr, face, mask):
+    # The reference leaves out faces with a non-finite (scaled) corner or depth, in both passes.
+    x0, y0, x1, y1, x2, y2 = _load_corners(fvi_ptr, face, mask)
+    z0 = tl.load(fvz_ptr + face * 3 + 0, mask=mask, other=0.0)
+    z1 = tl.load(fvz_ptr + face * 3 + 1, mask=mask, other=0.0)
+    z2 = tl.load(fvz_ptr + face * 3 + 2, mask=mask, other=0.0)
+    return (_finite(x0) & _finite(y0) & _finite(x1) & _finite(y1) & _finite(x2) & _finite(y2)
+            & _finite(z0) & _finite(z1) & _finite(z2))
+
+
+@triton.jit
+def _edge_weights(px, py, x0, y0, x1, y1, x2, y2):
+    # Normalised edge weights of pixel p for the triangle of corners 0, 1, 2 (scaled units).
+    w0 = (x1 - px) * (y2 - py) - (y1 - py) * (x2 - px)
+    w1 = (x2 - px) * (y0 - py) - (y2 - py) * (x0 - px)
+    w2 = (x0 - px) * (y1 - py) - (y0 - py) * (x1 - px)
+    area = w0 + w1 + w2
+    area = tl.where(area >= 0, area + _AREA_EPS_C, area - _AREA_EPS_C)
+    return _div(w0, area), _div(w1, area), _div(w2, area)
+
+
+@triton.jit
+def _edge_distance(px, py, ax, ay, bx, by):
+    # Squared distance (scaled units) from p to the line a→b, or the far value when the foot of the
+    # perpendicular falls outside the closed segment.
+    ex = bx - ax
+    ey = by - ay
+    length2 = ex * ex + ey * ey
+    down = length2 + _DIST_EPS_C
+    up = (px - ax) * ey - (py - ay) * ex
+    foot_x = _div(length2 * px - up * ey, down)
+    foot_y = _div(length2 * py + up * ex, down)
+    on_segment = (foot_x - ax) * (foot_x - bx) + (foot_y - ay) * (foot_y - by) <= 0
+    return tl.where(on_segment, _div(up * up, down), _FAR_SQ)
+
+
+@triton.jit
+def _boundary_distance(px, py, x0, y0, x1, y1, x2, y2):
+    # Squared distance from p to the triangle's boundary: the first minimum over edges 0→1, 1→2,
+    # 2→0, then corners 0, 1, 2; kind is the index of that feature in this order.
+    d2 = _edge_distance(px, py, x0, y0, x1, y1)
+    kind = tl.zeros(d2.shape, tl.int32)
+    e = _edge_distance(px, py, x1, y1, x2, y2)
+    kind = tl.where(e < d2, 1, kind)
+    d2 = tl.minimum(e, d2)
+    e = _edge_distance(px, py, x2, y2, x0, y0)
+    kind = tl.where(e < d2, 2, kind)
+    d2 = tl.minimum(e, d2)
+    e = (px - x0) * (px - x0) + (py - y0) * (py - y0)
+    kind = tl.where(e < d2, 3, kind)
+    d2 = tl.minimum(e, d2)
+    e = (px - x1) * (px - x1) + (py - y1) * (py - y1)
+    kind = tl.where(e < d2, 4, kind)
+    d2 = tl.minimum(e, d2)
+    e = (px - x2) * (px - x2) + (py - y2) * (py - y2)
+    kind = tl.where(e < d2, 5, kind)
+    d2 = tl.minimum(e, d2)
+    return d2, kind
+
+
+@triton.jit
+def _probability(d2, sigma_inv):
+    # P = exp(−σ⁻¹ d²), d² converted from scaled units to NDC² in the reference's order.
+    return tl.exp(-_div(_div(sigma_inv * d2, _M), _M))
+
+
+@triton.jit
+def _box(x0, y0, x1, y1, x2, y2, margin):
+    xlo = tl.minimum(tl.minimum(x0, x1), x2) - margin
+    xhi = tl.maximum(tl.maximum(x0, x1), x2) + margin
+    ylo = tl.minimum(tl.minimum(y0, y1), y2) - margin
+    yhi = tl.maximum(tl.maximum(y0, y1), y2) + margin
+    return xlo, xhi, ylo, yhi
+
+
+@triton.jit
+def _bin_kernel(
+    fvi_ptr, fvz_ptr, list_ptr, count_ptr, margin_ptr,
+    F, H, W, tiles_w, num_tiles, cx_scale, cy_scale,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // num_tiles
+    tile = pid % num_tiles
+    i0 = (tile // tiles_w) * TILE_H
+    j0 = (tile % tiles_w) * TILE_W
+    dtype = fvi_ptr.dtype.element_ty
+    tx_lo, ty_hi = _pixel_centres(i0, j0, H, W, cx_scale, cy_scale, dtype)
+    tx_hi, ty_lo = _pixel_centres(tl.minimum(i0 + TILE_H, H) - 1, tl.minimum(j0 + TILE_W, W) - 1,
+                                  H, W, cx_scale, cy_scale, dtype)
+    margin = tl.load(margin_ptr)
+    count = 0
+    for start in range(0, F, BLOCK_F):
+        f = start + tl.arange(0, BLOCK_F)
+        fmask = f < F
+        x0, y0, x1, y1, x2, y2 = _load_corners(fvi_ptr, b * F + f, fmask)
+        xlo, xhi, ylo, yhi = _box(x0, y0, x1, y1, x2, y2, margin)
+        # Necessary for some pixel centre of the tile to pass the enlarged half-open box test,
+        # which contains the hard pass's box test.
+        hit = (fmask & (xlo <= tx_hi) & (xhi > tx_lo) & (ylo <= ty_hi) & (yhi > ty_lo)
+               & _face_finite(fvi_ptr, fvz_ptr, b * F + f, fmask))
+        hit_i = hit.to(tl.int32)
+        slot = count + tl.cumsum(hit_i, 0) - 1
+        tl.store(list_ptr + pid.to(tl.int64) * F + slot, f, mask=hit)
+        count += tl.sum(hit_i, 0)
+    tl.store(count_ptr + pid, count)
+
+
+@triton.jit
+def _forward_kernel(
+    fvi_ptr, fvz_ptr, ff_ptr, fnz_ptr, list_ptr, count_ptr, margin_ptr, sigma_ptr,
+    feat_ptr, soft_ptr, idx_ptr, cutoff_ptr,
+    F, H, W, D, knum, tiles_w, num_tiles, cx_scale, cy_scale,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // num_tiles
+    tile = pid % num_tiles
+    p = tl.arange(0, TILE_H * TILE_W)
+    i = (tile // tiles_w) * TILE_H + p // TILE_W
+    j = (tile % tiles_w) * TILE_W + p % TILE_W
+    pmask = (i < H) & (j < W)
+    pix = (b * H + i) * W + j
+    dtype = fvi_ptr.dtype.element_ty
+    px, py = _pixel_centres(i, j, H, W, cx_scale, cy_scale, dtype)
+    px2 = px[:, None]
+    py2 = py[:, None]
+    n_list = tl.load(count_ptr + pid)
+    list_base = list_ptr + pid.to(tl.int64) * F
+
+    # Hard pass: nearest covering face; a later face must be strictly nearer, so ties keep the
+    # lowest index (the list is in index order and tl.min picks the lowest index in a block).
+    best_z = tl.full([TILE_H * TILE_W], float("-inf"), dtype)
+    best_f = tl.full([TILE_H * TILE_W], -1, tl.int32)
+    for start in range(0, n_list, BLOCK_F):
+        k = start + tl.arange(0, BLOCK_F)
+        kmask = k < n_list
+        f = tl.load(list_base + k, mask=kmask, other=0)
+        face = b * F + f
+        valid = kmask & (tl.load(fnz_ptr + face, mask=kmask, other=-1.0) >= 0)
+        x0, y0, x1, y1, x2, y2 = _load_corners(fvi_ptr, face, kmask)
+        z0 = tl.load(fvz_ptr + face * 3 + 0, mask=kmask, other=0.0)
+        z1 = tl.load(fvz_ptr + face * 3 + 1, mask=kmask, other=0.0)
+        z2 = tl.load(fvz_ptr + face * 3 + 2, mask=kmask, other=0.0)
+        xlo, xhi, ylo, yhi = _box(x0, y0, x1, y1, x2, y2, 0.0)
+        in_box = ((xlo[None, :] <= px2) & (px2 < xhi[None, :]) & (ylo[None, :] <= py2)
+                  & (py2 < yhi[None, :]))
+        w0, w1, w2 = _edge_weights(px2, py2, x0[None, :], y0[None, :], x1[None, :], y1[None, :],
+                                   x2[None, :], y2[None, :])
+        z = w0 * z0[None, :] + w1 * z1[None, :] + w2 * z2[None, :]
+        cover = valid[None, :] & in_box & (w0 >= 0) & (w1 >= 0) & (w2 >= 0)
+        z = tl.where(cover, z, float("-inf"))
+        z_max = tl.max(z, 1)
+        f_max = tl.min(tl.where(cover & (z == z_max[:, None]), f[None, :], F), 1)
+        nearer = z_max > best_z
+        best_z = tl.where(nearer, z_max, best_z)
+        best_f = tl.where(nearer, f_max, best_f)
+    covered = best_f >= 0
+    tl.store(idx_ptr + pix, best_f.to(tl.int64), mask=pmask)
+
+    # Features of the winning face, with its edge weights recomputed bit for bit.
+    face = b * F + tl.where(covered, best_f, 0)
+    x0, y0, x1, y1, x2, y2 = _load_corners(fvi_ptr, face, covered)
+    w0, w1, w2 = _edge_weights(px, py, x0, y0, x1, y1, x2, y2)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d[None, :] < D
+    corner = ff_ptr + face[:, None] * 3 * D + d[None, :]
+    fa = tl.load(corner, mask=covered[:, None] & dmask, other=0.0)
+    fb = tl.load(corner + D, mask=covered[:, None] & dmask, other=0.0)
+    fc = tl.load(corner + 2 * D, mask=covered[:, None] & dmask, other=0.0)
+    feat = tl.where(covered[:, None], w0[:, None] * fa + w1[:, None] * fb + w2[:, None] * fc, 0.0)
+    tl.store(feat_ptr + pix[:, None] * D + d[None, :], feat, mask=pmask[:, None] & dmask)
+
+    # Soft mask of the uncovered pixels: the first knum candidates in face-index order, counted
+    # with a running prefix sum; the loop ends once every uncovered pixel has knum of them.
+    margin = tl.load(margin_ptr)
+    sigma_inv = tl.load(sigma_ptr)
+    uncovered = pmask & (best_f < 0)
+    seen = tl.zeros([TILE_H * TILE_W], tl.int32)
+    outside = tl.full([TILE_H * TILE_W], 1.0, dtype)
+    cutoff = tl.full([TILE_H * TILE_W], _NO_CUTOFF, tl.int32)
+    start = 0
+    while (start < n_list) & (tl.max((uncovered & (seen < knum)).to(tl.int32), 0) > 0):
+        k = start + tl.arange(0, BLOCK_F)
+        kmask = k < n_list
+        f = tl.load(list_base + k, mask=kmask, other=0)
+        x0, y0, x1, y1, x2, y2 = _load_corners(fvi_ptr, b * F + f, kmask)
+        xlo, xhi, ylo, yhi = _box(x0, y0, x1, y1, x2, y2, margin)
+        hit = (uncovered[:, None] & kmask[None, :] & (xlo[None, :] <= px2) & (px2 < xhi[None, :])
+               & (ylo[None, :] <= py2) & (py2 < yhi[None, :]))
+        rank = seen[:, None] + tl.cumsum(hit.to(tl.int32), 1)
+        d2, _ = _boundary_distance(px2, py2, x0[None, :], y0[None, :], x1[None, :], y1[None, :],
+                                   x2[None, :], y2[None, :])
+        prob = _probability(d2, sigma_inv)
+        outside *= tl.reduce(tl.where(hit & (rank <= knum), 1.0 - prob, 1.0), 1, _mul)
+        cutoff = tl.minimum(cutoff, tl.min(tl.where(hit & (rank == knum), f[None, :], _NO_CUTOFF), 1))
+        seen += tl.sum(hit.to(tl.int32), 1)
+        start += BLOCK_F
+    tl.store(soft_ptr + pix, tl.where(covered, 1.0, 1.0 - outside), mask=pmask)
+    tl.store(cutoff_ptr + pix, cutoff, mask=pmask)
+
+
+@triton.jit
+def _select(index, v0, v1, v2):
+    return tl.where(index == 0, v0, tl.where(index == 1, v1, v2))
+
+
+@triton.jit
+def _backward_kernel(
+    fvi_ptr, fvz_ptr, ff_ptr, idx_ptr, cutoff_ptr, soft_ptr, gfeat_ptr, gsoft_ptr, margin_ptr,
+    sigma_ptr, gfvi_ptr, gff_ptr,
+    F, H, W, D, cx_scale, cy_scale,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // F
+    f = pid % F
+    dtype = fvi_ptr.dtype.element_ty
+    x0, y0, x1, y1, x2, y2 = _load_corners(fvi_ptr, pid, True)
+    margin = tl.load(margin_ptr)
+    sigma_inv = tl.load(sigma_ptr)
+    xlo, xhi, ylo, yhi = _box(x0, y0, x1, y1, x2, y2, margin)
+
+    # Pixel rectangle around the enlarged box, one pixel of slack for rounding (the exact test
+    # below decides); empty for the faces the forward left out.
+    ok = _face_finite(fvi_ptr, fvz_ptr, pid, True)
+    j_lo = (tl.where(ok, xlo, 0.0).to(tl.float32) / cx_scale + (W - 1)) * 0.5
+    j_hi = (tl.where(ok, xhi, 0.0).to(tl.float32) / cx_scale + (W - 1)) * 0.5
+    i_lo = ((H - 1) - tl.where(ok, yhi, 0.0).to(tl.float32) / cy_scale) * 0.5
+    i_hi = ((H - 1) - tl.where(ok, ylo, 0.0).to(tl.float32) / cy_scale) * 0.5
+    j_lo = tl.floor(tl.maximum(j_lo, -1.0)).to(tl.int32) - 1
+    j_hi = tl.ceil(tl.minimum(j_hi, W)).to(tl.int32) + 1
+    i_lo = tl.floor(tl.maximum(i_lo, -1.0)).to(tl.int32) - 1
+    i_hi = tl.ceil(tl.minimum(i_hi, H)).to(tl.int32) + 1
+    j_lo = tl.maximum(j_lo, 0)
+    i_lo = tl.maximum(i_lo, 0)
+    cols = tl.minimum(j_hi, W - 1) - j_lo + 1
+    rows = tl.minimum(i_hi, H - 1) - i_lo + 1
+    n_pix = tl.where(ok & (cols > 0) & (rows > 0), cols * rows, 0)
+
+    # The barycentric backward works in NDC units (spec §3.1): e1 = b − a, e2 = c − a.
+    ax = tl.load(fvi_ptr + pid * 6 + 0)
+    ay = tl.load(fvi_ptr + pid * 6 + 1)
+    e1x = tl.load(fvi_ptr + pid * 6 + 2) - ax
+    e1y = tl.load(fvi_ptr + pid * 6 + 3) - ay
+    e2x = tl.load(fvi_ptr + pid * 6 + 4) - ax
+    e2y = tl.load(fvi_ptr + pid * 6 + 5) - ay
+    k3 = e1x * e2y - e1y * e2x
+    k3 = tl.where(k3 >= 0, k3 + _AREA_EPS_C, k3 - _AREA_EPS_C)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    fa = tl.load(ff_ptr + pid * 3 * D + d, mask=dmask, other=0.0)
+    fb = tl.load(ff_ptr + pid * 3 * D + D + d, mask=dmask, other=0.0)
+    fc = tl.load(ff_ptr + pid * 3 * D + 2 * D + d, mask=dmask, other=0.0)
+
+    zero = tl.zeros([BLOCK_P], dtype)
+    gx0, gy0, gx1, gy1, gx2, gy2 = zero, zero, zero, zero, zero, zero
+    gfa = tl.zeros([BLOCK_P, BLOCK_D], dtype)
+    gfb = tl.zeros([BLOCK_P, BLOCK_D], dtype)
+    gfc = tl.zeros([BLOCK_P, BLOCK_D], dtype)
+    for start in range(0, n_pix, BLOCK_P):
+        lin = start + tl.arange(0, BLOCK_P)
+        lmask = lin < n_pix
+        i = i_lo + lin // cols
+        j = j_lo + lin % cols
+        pix = (b * H + i) * W + j
+        won = tl.load(idx_ptr + pix, mask=lmask, other=-2)
+        px, py = _pixel_centres(i, j, H, W, cx_scale, cy_scale, dtype)
+
+        # Pixels this face won: I = f_a + w1 (f_b − f_a) + w2 (f_c − f_a) with the pixel fixed.
+        hard = lmask & (won == f)
+        g = tl.load(gfeat_ptr + pix[:, None] * D + d[None, :], mask=hard[:, None] & dmask[None, :],
+                    other=0.0)
+        rx = _div(px, _M) - ax
+        ry = _div(py, _M) - ay
+        w1 = (rx * e2y - ry * e2x) / k3
+        w2 = (e1x * ry - e1y * rx) / k3
+        g1 = tl.sum(g * (fb - fa)[None, :], 1)
+        g2 = tl.sum(g * (fc - fa)[None, :], 1)
+        s = g1 * w1 + g2 * w2
+        grad_rx = (g1 * e2y - g2 * e1y) / k3
+        grad_ry = (g2 * e1x - g1 * e2x) / k3
+        grad_bx = (g2 * ry - s * e2y) / k3
+        grad_by = (s * e2x - g2 * rx) / k3
+        grad_cx = (s * e1y - g1 * ry) / k3
+        grad_cy = (g1 * rx - s * e1x) / k3
+        gx0 += tl.where(hard, -(grad_rx + grad_bx + grad_cx), 0.0)
+        gy0 += tl.where(hard, -(grad_ry + grad_by + grad_cy), 0.0)
+        gx1 += tl.where(hard, grad_bx, 0.0)
+        gy1 += tl.where(hard, grad_by, 0.0)
+        gx2 += tl.where(hard, grad_cx, 0.0)
+        gy2 += tl.where(hard, grad_cy, 0.0)
+        # Feature gradients use the forward's (scaled-unit) weights, as Kaolin does.
+        v0, v1, v2 = _edge_weights(px, py, x0, y0, x1, y1, x2, y2)
+        gfa += tl.where(hard[:, None], v0[:, None] * g, 0.0)
+        gfb += tl.where(hard[:, None], v1[:, None] * g, 0.0)
+        gfc += tl.where(hard[:, None], v2[:, None] * g, 0.0)
+
+        # Uncovered pixels where this face is among the first knum candidates (spec §3.2).
+        cut = tl.load(cutoff_ptr + pix, mask=lmask, other=-1)
+        soft_hit = (lmask & (won < 0) & (f <= cut) & (xlo <= px) & (px < xhi)
+                    & (ylo <= py) & (py < yhi))
+        d2, kind = _boundary_distance(px, py, x0, y0, x1, y1, x2, y2)
+        prob = _probability(d2, sigma_inv)
+        soft = tl.load(soft_ptr + pix, mask=soft_hit, other=0.0)
+        gsoft = tl.load(gsoft_ptr + pix, mask=soft_hit, other=0.0)
+        # dL/d(d² in NDC²) times 1/MULTIPLIER: d(d² scaled)/d(v scaled) below is then dL/d(v NDC).
+        upstream = gsoft * (-sigma_inv) * prob * (1.0 - soft) / (1.0 - prob + _DIST_EPS_C) / _M
+        # Nearest feature: edge first→second (d² = up²/down, differentiated exactly) or a corner.
+        is_edge = kind < 3
+        first = tl.where(is_edge, kind, kind - 3)
+        second = (first + 1) % 3
+        ax_s = _select(first, x0, x1, x2)
+        ay_s = _select(first, y0, y1, y2)
+        bx_s = _select(second, x0, x1, x2)
+        by_s = _select(second, y0, y1, y2)
+        ex = bx_s - ax_s
+        ey = by_s - ay_s
+        down = ex * ex + ey * ey + _DIST_EPS_C
+        up = (px - ax_s) * ey - (py - ay_s) * ex
+        line_d2 = up * up / down
+        g1x = tl.where(is_edge, 2.0 * (up * (py - by_s) + line_d2 * ex) / down, 2.0 * (ax_s - px))
+        g1y = tl.where(is_edge, 2.0 * (up * (bx_s - px) + line_d2 * ey) / down, 2.0 * (ay_s - py))
+        g2x = tl.where(is_edge, -2.0 * (up * (py - ay_s) + line_d2 * ex) / down, 0.0)
+        g2y = tl.where(is_edge, -2.0 * (up * (ax_s - px) + line_d2 * ey) / down, 0.0)
+        upstream = tl.where(soft_hit, upstream, 0.0)
+        gx0 += upstream * (tl.where(first == 0, g1x, 0.0) + tl.where(second == 0, g2x, 0.0))
+        gy0 += upstream * (tl.where(first == 0, g1y, 0.0) + tl.where(second == 0, g2y, 0.0))
+        gx1 += upstream * (tl.where(first == 1, g1x, 0.0) + tl.where(second == 1, g2x, 0.0))
+        gy1 += upstream * (tl.where(first == 1, g1y, 0.0) + tl.where(second == 1, g2y, 0.0))
+        gx2 += upstream * (tl.where(first == 2, g1x, 0.0) + tl.where(second == 2, g2x, 0.0))
+        gy2 += upstream * (tl.where(first == 2, g1y, 0.0) + tl.where(second == 2, g2y, 0.0))
+
+    out = gfvi_ptr + pid * 6
+    tl.store(out + 0, tl.sum(gx0, 0))
+    tl.store(out + 1, tl.sum(gy0, 0))
+    tl.store(out + 2, tl.sum(gx1, 0))
+    tl.store(out + 3, tl.sum(gy1, 0))
+    tl.store(out + 4, tl.sum(gx2, 0))
+    tl.store(out + 5, tl.sum(gy2, 0))
+    tl.store(gff_ptr + pid * 3 * D + d, tl.sum(gfa, 0), mask=dmask)
+    tl.store(gff_ptr + pid * 3 * D + D + d, tl.sum(gfb, 0), mask=dmask)
+    tl.store(gff_ptr + pid * 3 * D + 2 * D + d, tl.sum(gfc, 0), mask=dmask)
+
+
+def _scale(size: int) -> float:
+    # MULTIPLIER / size rounded to float32, as Kaolin's pixel-centre arithmetic does.
+    return float(np.float32(MULTIPLIER) / np.float32(size))
+
+
+def _block_d(channels: int) -> int:
+    return triton.next_power_of_2(max(channels, 1))
+
+
+class _DibrRasterize(torch.autograd.Function):
+    """Forward: binning + fused hard/soft kernel. Backward: one program per (image, face)."""
+
+    @staticmethod
+    def forward(ctx, face_verts_image, face_verts_z, face_features, face_normals_z,
+                height, width, sigma_inv, box_len, knum):
+        batch, num_faces, _, channels = face_features.shape
+        device, dtype = face_verts_image.device, face_verts_image.dtype
+        tiles_w = triton.cdiv(width, _TILE_W)
+        num_tiles = triton.cdiv(height, _TILE_H) * tiles_w
+        # Scalars travel as 1-element tensors of the input dtype: Triton passes Python floats as
+        # float32, which would round them for float64 inputs.
+        margin = torch.tensor([box_len * MULTIPLIER], dtype=dtype, device=device)
+        sigma = torch.tensor([sigma_inv], dtype=dtype, device=device)
+
+        face_lists = torch.empty(batch * num_tiles * num_faces, dtype=torch.int32, device=device)
+        list_counts = torch.empty(batch * num_tiles, dtype=torch.int32, device=device)
+        features = torch.empty(batch, height, width, channels, dtype=dtype, device=device)
+        soft_mask = torch.empty(batch, height, width, dtype=dtype, device=device)
+        face_idx = torch.empty(batch, height, width, dtype=torch.int64, device=device)
+        cutoff = torch.empty(batch, height, width, dtype=torch.int32, device=device)
+        grid = (batch * num_tiles,)
+        _bin_kernel[grid](
+            face_verts_image, face_verts_z, face_lists, list_counts, margin,
+            num_faces, height, width, tiles_w, num_tiles, _scale(width), _scale(height),
+            TILE_H=_TILE_H, TILE_W=_TILE_W, BLOCK_F=_BIN_BLOCK_F, enable_fp_fusion=False,
+        )
+        _forward_kernel[grid](
+            face_verts_image, face_verts_z, face_features, face_normals_z, face_lists, list_counts,
+            margin, sigma, features, soft_mask, face_idx, cutoff,
+            num_faces, height, width, channels, knum, tiles_w, num_tiles, _scale(width), _scale(height),
+            TILE_H=_TILE_H, TILE_W=_TILE_W, BLOCK_F=_FWD_BLOCK_F, BLOCK_D=_block_d(channels),
+            num_warps=_FWD_WARPS, enable_fp_fusion=False,
+        )
+        ctx.mark_non_differentiable(face_idx)
+        ctx.save_for_backward(face_verts_image, face_verts_z, face_features, face_idx, cutoff, soft_mask)
+        ctx.margin, ctx.sigma = margin, sigma
+        return features, soft_mask, face_idx
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_features, grad_soft_mask, _grad_face_idx):
+        face_verts_image, face_verts_z, face_features, face_idx, cutoff, soft_mask = ctx.saved_tensors
+        batch, num_faces, _, channels = face_features.shape
+        height, width = soft_mask.shape[1:]
+        # Every (image, face) program writes its whole gradient, so no zero fill is needed.
+        grad_verts = torch.empty_like(face_verts_image)
+        grad_face_features = torch.empty_like(face_features)
+        _backward_kernel[(batch * num_faces,)](
+            face_verts_image, face_verts_z, face_features, face_idx, cutoff, soft_mask,
+            grad_features.contiguous(), grad_soft_mask.contiguous(), ctx.margin, ctx.sigma,
+            grad_verts, grad_face_features,
+            num_faces, height, width, channels, _scale(width), _scale(height),
+            BLOCK_P=_BWD_BLOCK_P, BLOCK_D=_block_d(channels), num_warps=_BWD_WARPS,
+            enable_fp_fusion=False,
+        )
+        return grad_verts, None, grad_face_features, None, None, None, None, None, None
+
+
+def rasterize_triton(
+    face_verts_image: Tensor,
+    face_verts_z: Tensor,
+    face_features: Tensor,
+    face_normals_z: Tensor,
+    height: int,
+    width: int,
+    sigma_inv: float = 7000.0,
+    box_len: float = 0.02,
+    knum: int = 30,
+) -> Rasterized:
+    """DIB-R rasterization in Triton: the contract and results of `rasterize_reference`, faster.
+
+    Args:
+        face_verts_image: (B, F, 3, 2) float32/float64 NDC corner positions, x right, y up, the
+            image spanning [−1, 1]; on a CUDA device (the CPU works only under TRITON_INTERPRET=1,
+            set before this module is imported, for tests).
+        face_verts_z: (B, F, 3) same dtype, camera-space corner z (visible < 0, larger = nearer);
+            picks the nearest face, receives no gradient.
+        face_features: (B, F, 3, D) same dtype, per-corner features to interpolate.
+        face_normals_z: (B, F) camera-space unit-normal z; faces with a value < 0 are culled from the
+            hard pass, the soft mask uses all faces. No gradient.
+        height, width: output size H × W in pixels.
+        sigma_inv: soft-mask sharpness in 1/NDC², P = exp(−sigma_inv · d²).
+        box_len: NDC margin on every side of a face's box within which it is a soft-mask candidate.
+        knum: at most this many candidates (the first by face index) per uncovered pixel.
+
+    Returns:
+        `Rasterized`: features (B, H, W, D), soft_mask (B, H, W) in [0, 1] (1 where covered),
+        face_idx (B, H, W) int64 (−1 on background). Gradients reach face_verts_image and
+        face_features; the backward uses no atomics and is bitwise deterministic.
+    """
+    _check_inputs(face_verts_image, face_verts_z, face_features, face_normals_z, height, width,
+                  sigma_inv, box_len, knum)
+    if face_verts_image.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"rasterize_triton needs CUDA tensors, got {face_verts_image.device}; call "
+                         "renderer.rasterize.rasterize, which runs the reference on other devices")
+    batch, num_faces, _, channels = face_features.shape
+    tiles = triton.cdiv(height, _TILE_H) * triton.cdiv(width, _TILE_W)
+    if max(batch * height * width * channels, batch * num_faces * 3 * channels, batch * tiles) >= 2**31:
+        raise ValueError("rasterize_triton indexes with 32 bits; split the batch into smaller ones")
+    features, soft_mask, face_idx = _DibrRasterize.apply(
+        face_verts_image.contiguous(), face_verts_z.contiguous(), face_features.contiguous(),
+        face_normals_z.contiguous(), int(height), int(width), float(sigma_inv), float(box_len), int(knum),
+    )
+    return Rasterized(features=features, soft_mask=soft_mask, face_idx=face_idx)
