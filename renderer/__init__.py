@@ -24,6 +24,7 @@ from renderer.mesh import (
     uniform_laplacian,
     unique_edges,
 )
+from renderer.rasterize import Rasterized, rasterize, rasterize_reference
 from renderer.render import RenderOutput, render
 from renderer.shading import mask_iou, mask_iou_loss, sample_texture, sh_basis, sh_lighting
 
@@ -32,6 +33,6 @@ __all__ = [
     "project", "unproject", "world_to_camera",
     "Template", "edge_faces", "face_normals", "flip_index", "gather_faces", "icosphere", "load_obj",
     "normalize_template", "save_obj", "uniform_laplacian", "unique_edges",
-    "RenderOutput", "render",
+    "Rasterized", "rasterize", "rasterize_reference", "RenderOutput", "render",
     "mask_iou", "mask_iou_loss", "sample_texture", "sh_basis", "sh_lighting",
 ]
