@@ -89,8 +89,8 @@ def _sphere_face_uvs(verts: Tensor, faces: Tensor) -> Tensor:
     is_pole = torch.hypot(n[:, 1], n[:, 2]) < 1e-9
     corner_u, corner_v, corner_pole = u[faces], v[faces], is_pole[faces]  # (F, 3) each
 
-    v_off_pole = corner_v.masked_fill(corner_pole, float("nan"))
-    spans_seam = (v_off_pole.nan_to_num(-math.inf).amax(1) - v_off_pole.nan_to_num(math.inf).amin(1)) > 0.5
+    v_range = corner_v.masked_fill(corner_pole, -math.inf).amax(1) - corner_v.masked_fill(corner_pole, math.inf).amin(1)
+    spans_seam = v_range > 0.5
     corner_v = torch.where(spans_seam[:, None] & (corner_v < 0.5), corner_v + 1.0, corner_v).clamp(max=1.0)
 
     off_pole_mean = (corner_v * ~corner_pole).sum(1, keepdim=True) / (~corner_pole).sum(1, keepdim=True)
