@@ -10,6 +10,7 @@ import torchvision
 from torch import nn
 
 from networks import (
+    BACKBONES,
     FROZEN_BY_MODE,
     AttributeEncoder,
     Attributes,
@@ -160,6 +161,19 @@ def test_resnet_trunk_strides_and_four_channel_stem():
     stem = net.stem[0].weight
     assert stem.shape == (64, 4, 7, 7) and torch.allclose(stem[:, 3], stem[:, :3].mean(dim=1))
     assert ResNet4C("res18", last_stride=1)(torch.randn(1, 4, 64, 32)).shape == (1, 512, 4, 2)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_every_backbone_feeds_the_camera_and_shape_heads(small_template, backbone):
+    if backbone == "hr18sv2":
+        pytest.importorskip("timm")
+    x = images(2, 64, 96)
+    camera = CameraEncoder(backbone=backbone).eval()
+    assert [tuple(t.shape) for t in camera(x, small_template.verts)] == [(2,), (2,), (2,), (2, 2)]
+    shape = ShapeEncoder(42, backbone=backbone).eval()
+    assert shape(x, small_template.verts, small_template.laplacian).shape == (2, 42, 3)
+    with pytest.raises(ValueError, match="unknown camera/shape backbone"):
+        CameraEncoder(backbone="vgg")
 
 
 def test_sample_template_features_uses_raw_xy_with_image_y_down():
