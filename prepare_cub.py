@@ -1,16 +1,71 @@
-"""Placeholder for `prepare_cub.py`: the real script lands with its issue; this one only parses --help."""
+"""Prepare CUB-200-2011 for training (data-eval-vis.md §2.2).
+
+Crops every image and its segmentation to the bounding box grown by 10 % and writes
+``<root>/{train,test}/<class>/<name>.jpg`` + ``<name>_<r>.png`` (r = foreground ratio), the layout
+`datasets.cub.CUBDataset` reads. One step replaces the original's ``preproces_cub.py`` +
+``prepare_cub.py``; running it again only does what is missing.
+
+    python prepare_cub.py                 # unpack data/*.tgz if needed, then crop into data/CUB_Data
+    python prepare_cub.py --check         # validate data/CUB_Data, change nothing
+"""
 
 import argparse
 import sys
+from pathlib import Path
+
+from datasets.prepare import (
+    check_cub,
+    fetch_archives,
+    move_into,
+    parse_drive_ids,
+    prepare_cub,
+    summarize_class_tree,
+    unpack,
+)
+
+DRIVE_IDS: dict[str, str | None] = {"CUB_200_2011.tgz": None, "segmentations.tgz": None}
+"""Archive -> Google Drive id. CUB is published by Caltech, not on Google Drive; no id is known."""
+MANUAL = ("CUB_200_2011.tgz and segmentations.tgz from the Caltech CUB-200-2011 page, "
+          "https://www.vision.caltech.edu/datasets/cub_200_2011/")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Not implemented yet in this checkout: this entry point only prints its usage."
-    )
-    parser.parse_args(argv)
-    print("prepare_cub.py is not implemented yet.", file=sys.stderr)
-    return 2
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--root", type=Path, default=Path("data/CUB_Data"), help="prepared dataset folder")
+    parser.add_argument("--raw", type=Path, default=Path("data/CUB_200_2011"),
+                        help="unpacked CUB_200_2011 folder (images/, segmentations/, *.txt)")
+    parser.add_argument("--archives", type=Path, default=Path("data"),
+                        help="folder holding (or receiving) CUB_200_2011.tgz and segmentations.tgz")
+    parser.add_argument("--download", action="store_true", help="download the archives first (needs ids)")
+    parser.add_argument("--drive_id", action="append", default=[], metavar="ARCHIVE=ID",
+                        help=f"Google Drive id of an archive, one of {sorted(DRIVE_IDS)}")
+    parser.add_argument("--check", action="store_true", help="only validate --root and report problems")
+    args = parser.parse_args(argv)
+
+    if args.check:
+        report = check_cub(args.root)
+        report.print(f"CUB tree {args.root}")
+        return 0 if report.ok else 1
+    try:
+        if args.download:
+            fetch_archives(parse_drive_ids(args.drive_id, DRIVE_IDS), args.archives, MANUAL)
+        for name in DRIVE_IDS:
+            if (args.archives / name).is_file() and unpack(args.archives / name, args.archives):
+                print(f"unpacked {args.archives / name}")
+        move_into(args.archives / "CUB_200_2011", args.raw)
+        move_into(args.archives / "segmentations", args.raw / "segmentations")
+        counts = prepare_cub(args.raw, args.root)
+    except (OSError, RuntimeError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"CUB: {counts.get('written', 0)} pairs written, {counts.get('present', 0)} already present")
+    for reason in ("no segmentation", "unreadable", "size mismatch"):
+        if counts.get(reason):
+            print(f"  skipped ({reason}): {counts[reason]}")
+    for split in ("train", "test"):
+        print(f"  {split}: {summarize_class_tree(args.root / split, args.root / split, '.jpg')}")
+    return 0
 
 
 if __name__ == "__main__":

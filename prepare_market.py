@@ -1,16 +1,73 @@
-"""Placeholder for `prepare_market.py`: the real script lands with its issue; this one only parses --help."""
+"""Prepare Market-HQ with the Market-Seg-HMR masks (data-eval-vis.md §2.3).
+
+Puts the downloaded ``pytorch/`` (images) and ``seg_hmr/`` (masks) folders under ``--root`` and
+gives every mask its ``_<r>.png`` foreground-ratio name (the downloaded masks normally have it; the
+original script only printed the ratios). Running it again only does what is missing.
+
+    python prepare_market.py --download --drive_id Market-HQ.zip=ID --drive_id Market-Seg-HMR.zip=ID
+    python prepare_market.py              # archives already in data/Market/downloads/
+    python prepare_market.py --check      # validate data/Market, change nothing
+"""
 
 import argparse
 import sys
+from pathlib import Path
+
+from datasets.market import IMAGE_FOLDER, MASK_FOLDER, SPLIT_FOLDERS
+from datasets.prepare import (
+    check_market,
+    fetch_archives,
+    find_folder,
+    move_into,
+    name_market_masks,
+    parse_drive_ids,
+    summarize_class_tree,
+    unpack_all,
+)
+
+DRIVE_IDS: dict[str, str | None] = {"Market-HQ.zip": None, "Market-Seg-HMR.zip": None}
+"""Archive -> Google Drive id of the original README's links; not recorded offline, so None."""
+MANUAL = ("the Market-HQ images ('pytorch' folder) and Market-Seg-HMR masks linked from the README of "
+          "github.com/layumi/3D-Magic-Mirror")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Not implemented yet in this checkout: this entry point only prints its usage."
-    )
-    parser.parse_args(argv)
-    print("prepare_market.py is not implemented yet.", file=sys.stderr)
-    return 2
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--root", type=Path, default=Path("data/Market"),
+                        help="dataset folder (receives pytorch/ and seg_hmr/; archives go to <root>/downloads)")
+    parser.add_argument("--download", action="store_true", help="download the archives first (needs ids)")
+    parser.add_argument("--drive_id", action="append", default=[], metavar="ARCHIVE=ID",
+                        help=f"Google Drive id of an archive, one of {sorted(DRIVE_IDS)}")
+    parser.add_argument("--check", action="store_true", help="only validate --root and report problems")
+    args = parser.parse_args(argv)
+
+    if args.check:
+        report = check_market(args.root)
+        report.print(f"Market tree {args.root}")
+        return 0 if report.ok else 1
+    downloads = args.root / "downloads"
+    try:
+        if args.download:
+            fetch_archives(parse_drive_ids(args.drive_id, DRIVE_IDS), downloads, MANUAL)
+        for archive in unpack_all(downloads):
+            print(f"unpacked {archive}")
+        for folder in (IMAGE_FOLDER, MASK_FOLDER):
+            if not (args.root / folder).is_dir() and downloads.is_dir():
+                move_into(find_folder(downloads, folder, containing=(SPLIT_FOLDERS["test"],)), args.root / folder)
+            if not (args.root / folder).is_dir():
+                raise FileNotFoundError(f"{args.root / folder} is missing: get {MANUAL} and unpack them into "
+                                        f"{downloads} (or use --download)")
+        counts = name_market_masks(args.root)
+    except (OSError, RuntimeError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"Market: {counts.get('renamed', 0)} masks given a ratio name, {counts.get('named', 0)} already named, "
+          f"{counts.get('unreadable', 0)} unreadable")
+    for split, folder in SPLIT_FOLDERS.items():
+        summary = summarize_class_tree(args.root / MASK_FOLDER / folder, args.root / IMAGE_FOLDER / folder, ".png")
+        print(f"  {split} ({folder}): {summary}")
+    return 0
 
 
 if __name__ == "__main__":
