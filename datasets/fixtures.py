@@ -166,7 +166,8 @@ def write_cub_raw(raw: Path, boxes: Sequence[tuple[float, float, float, float]],
         x, y, w, h = (int(v) for v in box)
         mask[y:y + h, x:x + w] = 255
         mask[y, x:x + w] = SOFT_VALUE
-        for folder, image, ext in (("images", object_image(mask), ".jpg"), ("segmentations", Image.fromarray(mask), ".png")):
+        pairs = (("images", object_image(mask), ".jpg"), ("segmentations", Image.fromarray(mask), ".png"))
+        for folder, image, ext in pairs:
             (raw / folder / class_name).mkdir(parents=True, exist_ok=True)
             save_image(image, raw / folder / rel.replace(".jpg", ext))
         is_train = train[i] if train is not None else i % 2 == 0
