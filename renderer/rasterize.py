@@ -221,45 +221,67 @@ def _pixel_centres(height: int, width: int, dtype: torch.dtype, device) -> tuple
     return xs.to(dtype), ys.to(dtype)
 
 
-def _box_pixel_pairs(box_lo: Tensor, box_hi: Tensor, grid: _Grid) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    """Enumerate, in face order and in chunks, the pixels that may lie in each face's box.
+def _pixel_ranges(box_lo: Tensor, box_hi: Tensor, grid: _Grid) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Integer pixel ranges holding every pixel centre that may pass the exact box test.
 
-    box_lo, box_hi: (N, 2) scaled (x, y) box corners of N faces. Yields (owner, row, col), each (K,)
-    int64: the pair's face (row of box_lo) and pixel. The integer ranges are widened by `_RANGE_SLACK` so
-    that they hold every pixel passing the exact test; callers then apply the exact comparisons.
+    box_lo, box_hi: (N, 2) scaled (x, y) box corners. Returns row0, col0, nrows, ncols, each (N,) int64,
+    clipped to the image (nrows or ncols 0 when the box misses it). The ranges are widened by
+    `_RANGE_SLACK` pixels so rounding can never drop a pixel; callers apply the exact comparisons.
     """
     height, width = grid.height, grid.width
-    half_w = (width - 1) / 2
-    half_h = (height - 1) / 2
-    to_px_w = width / (2 * MULTIPLIER)
-    to_px_h = height / (2 * MULTIPLIER)
+    half_w, half_h = (width - 1) / 2, (height - 1) / 2
+    to_px_w, to_px_h = width / (2 * MULTIPLIER), height / (2 * MULTIPLIER)
     # x_j >= lo  <=>  j >= lo*W/(2m) + (W-1)/2 ;  y_i < hi  <=>  i > (H-1)/2 - hi*H/(2m)
-    col0 = torch.ceil(box_lo[:, 0] * to_px_w + half_w - _RANGE_SLACK).clamp(0, width)
-    col1 = torch.floor(box_hi[:, 0] * to_px_w + half_w + _RANGE_SLACK).clamp(-1, width - 1)
-    row0 = torch.ceil(half_h - box_hi[:, 1] * to_px_h - _RANGE_SLACK).clamp(0, height)
-    row1 = torch.floor(half_h - box_lo[:, 1] * to_px_h + _RANGE_SLACK).clamp(-1, height - 1)
-    col0, row0 = col0.long(), row0.long()
-    ncols = (col1.long() - col0 + 1).clamp(min=0)
-    nrows = (row1.long() - row0 + 1).clamp(min=0)
-    counts = ncols * nrows
+    col0 = torch.ceil(box_lo[:, 0] * to_px_w + half_w - _RANGE_SLACK).clamp(0, width).long()
+    col1 = torch.floor(box_hi[:, 0] * to_px_w + half_w + _RANGE_SLACK).clamp(-1, width - 1).long()
+    row0 = torch.ceil(half_h - box_hi[:, 1] * to_px_h - _RANGE_SLACK).clamp(0, height).long()
+    row1 = torch.floor(half_h - box_lo[:, 1] * to_px_h + _RANGE_SLACK).clamp(-1, height - 1).long()
+    return row0, col0, (row1 - row0 + 1).clamp(min=0), (col1 - col0 + 1).clamp(min=0)
+
+
+def _range_pairs(face_ids: Tensor, ranges: tuple[Tensor, Tensor, Tensor, Tensor],
+                 grid: _Grid) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """Enumerate the (face, pixel) pairs of the ranges in face order, at most about `_PAIRS_PER_CHUNK`
+    per chunk (a single face larger than that is one chunk).
+
+    face_ids: (N,) flat b*F + f of the ranges' faces. Yields owner (K,) (the pair's row in face_ids),
+    row (K,), col (K,) and pix (K,) = b*H*W + row*W + col, all int64.
+    """
+    row0, col0, nrows, ncols = ranges
+    image = torch.div(face_ids, grid.num_faces, rounding_mode="floor")
+    first_pix = image * (grid.height * grid.width) + row0 * grid.width + col0
+    counts = nrows * ncols
     ends = counts.cumsum(0)
+    starts = ends - counts
     ends_host = ends.cpu()
     total = int(ends_host[-1]) if len(ends_host) else 0
     start, done = 0, 0
     while done < total:
-        # the faces whose pairs end within the next chunk (at least one face)
-        stop = int(torch.searchsorted(ends_host, done + _PAIRS_PER_CHUNK, right=True))
-        stop = max(stop, start + 1)
+        stop = max(int(torch.searchsorted(ends_host, done + _PAIRS_PER_CHUNK, right=True)), start + 1)
         size = int(ends_host[stop - 1]) - done
         owner = torch.repeat_interleave(
             torch.arange(start, stop, device=counts.device), counts[start:stop], output_size=size
         )
-        offset = torch.arange(done, done + size, device=counts.device) - (ends - counts)[owner]
-        width_o = ncols[owner]
-        row = row0[owner] + torch.div(offset, width_o, rounding_mode="floor")
-        col = col0[owner] + offset % width_o
-        yield owner, row, col
+        offset = torch.arange(done, done + size, device=counts.device) - starts[owner]
+        span = ncols[owner]
+        down = torch.div(offset, span, rounding_mode="floor")
+        across = offset - down * span
+        yield owner, row0[owner] + down, col0[owner] + across, first_pix[owner] + down * grid.width + across
         start, done = stop, done + size
+
+
+def _uncovered_in_range(covered: Tensor, image: Tensor, ranges: tuple[Tensor, Tensor, Tensor, Tensor],
+                        grid: _Grid) -> Tensor:
+    """(N,) number of uncovered pixels in each range, from a summed-area table of the (B*H*W,) mask."""
+    row0, col0, nrows, ncols = ranges
+    uncovered = (~covered).reshape(-1, grid.height, grid.width).int()
+    table = torch.nn.functional.pad(uncovered.cumsum(1).cumsum(2), (1, 0, 1, 0)).reshape(len(uncovered), -1)
+    row1, col1 = row0 + nrows, col0 + ncols
+
+    def at(row: Tensor, col: Tensor) -> Tensor:
+        return table[image, row * (grid.width + 1) + col]
+
+    return at(row1, col1) - at(row0, col1) - at(row1, col0) + at(row0, col0)
 
 
 def _in_box(px: Tensor, py: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
@@ -280,10 +302,10 @@ def _nearest_faces(verts: Tensor, verts_z: Tensor, active: Tensor, grid: _Grid) 
     depths = verts_z.reshape(-1, 3)[face_ids]
     box_lo, box_hi = corners.amin(1), corners.amax(1)
     hits = []
-    for owner, row, col in _box_pixel_pairs(box_lo, box_hi, grid):
+    for owner, row, col, pix in _range_pairs(face_ids, _pixel_ranges(box_lo, box_hi, grid), grid):
         px, py = grid.xs[col], grid.ys[row]
         keep = _in_box(px, py, box_lo[owner], box_hi[owner])
-        owner, row, col, px, py = owner[keep], row[keep], col[keep], px[keep], py[keep]
+        owner, pix, px, py = owner[keep], pix[keep], px[keep], py[keep]
         v = corners[owner]
         ax, ay = v[:, 0, 0] - px, v[:, 0, 1] - py
         bx, by = v[:, 1, 0] - px, v[:, 1, 1] - py
@@ -295,12 +317,10 @@ def _nearest_faces(verts: Tensor, verts_z: Tensor, active: Tensor, grid: _Grid) 
         area = area + torch.copysign(torch.full_like(area, _AREA_EPS), area)
         weights = torch.stack((w0, w1, w2), dim=1) / area[:, None]
         inside = (weights >= 0).all(1)
-        owner, row, col, weights = owner[inside], row[inside], col[inside], weights[inside]
+        owner, pix, weights = owner[inside], pix[inside], weights[inside]
         z = depths[owner]
         z = weights[:, 0] * z[:, 0] + weights[:, 1] * z[:, 1] + weights[:, 2] * z[:, 2]
-        face = face_ids[owner]
-        pix = torch.div(face, num_faces, rounding_mode="floor") * hw + row * grid.width + col
-        hits.append((pix, face, z, weights))
+        hits.append((pix, face_ids[owner], z, weights))
     if not hits:
         empty = torch.zeros(0, dtype=torch.long, device=verts.device)
         return empty, empty, verts.new_zeros(0, 3)
@@ -378,18 +398,22 @@ def _soft_candidates(verts: Tensor, faces_ok: Tensor, covered: Tensor, grid: _Gr
     """Soft-mask candidates (§2.2 step 1): per uncovered pixel, the first knum faces by index whose box,
     enlarged by box_len, holds it. verts (B, F, 3, 2) scaled; faces_ok (B, F) bool; covered (B*H*W,)
     bool. Returns pix (N,) flat pixel and face (N,) flat b*F + f, ordered by face within each pixel."""
-    num_faces = faces_ok.shape[1]
-    hw = grid.height * grid.width
     face_ids = faces_ok.reshape(-1).nonzero().squeeze(1)
     corners = verts.reshape(-1, 3, 2)[face_ids]
     margin = box_len * MULTIPLIER
     box_lo, box_hi = corners.amin(1) - margin, corners.amax(1) + margin
+    ranges = _pixel_ranges(box_lo, box_hi, grid)
+    # most faces lie inside the silhouette: skip those whose whole range is covered
+    image = torch.div(face_ids, grid.num_faces, rounding_mode="floor")
+    near_background = _uncovered_in_range(covered, image, ranges, grid) > 0
+    face_ids, box_lo, box_hi = face_ids[near_background], box_lo[near_background], box_hi[near_background]
+    ranges = tuple(part[near_background] for part in ranges)
     found = []
-    for owner, row, col in _box_pixel_pairs(box_lo, box_hi, grid):
-        face = face_ids[owner]
-        pix = torch.div(face, num_faces, rounding_mode="floor") * hw + row * grid.width + col
-        keep = _in_box(grid.xs[col], grid.ys[row], box_lo[owner], box_hi[owner]) & ~covered[pix]
-        found.append((pix[keep], face[keep]))
+    for owner, row, col, pix in _range_pairs(face_ids, ranges, grid):
+        keep = ~covered[pix]
+        owner, row, col, pix = owner[keep], row[keep], col[keep], pix[keep]
+        keep = _in_box(grid.xs[col], grid.ys[row], box_lo[owner], box_hi[owner])
+        found.append((pix[keep], face_ids[owner[keep]]))
     if not found:
         empty = torch.zeros(0, dtype=torch.long, device=verts.device)
         return empty, empty

@@ -1,12 +1,15 @@
 """DIB-R rasterizer reference against hand-computed values and spec/renderer-math.md §6 (T2, T3, T5, T6)."""
 
+import importlib
 import math
 
 import pytest
 import torch
 
-import renderer.rasterize as rasterize_module
 from renderer.rasterize import rasterize, rasterize_reference
+
+# the module itself: the package re-exports its `rasterize` function under the same name
+rasterize_module = importlib.import_module("renderer.rasterize")
 
 F64 = torch.float64
 DTYPES = [torch.float32, torch.float64]
