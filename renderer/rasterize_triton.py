@@ -72,11 +72,6 @@ def _mul(a, b):
 
 
 @triton.jit
-def _finite(x):
-    return tl.abs(x) < float("inf")
-
-
-@triton.jit
 def _pixel_centres(i, j, H, W, cx_scale, cy_scale, dtype: tl.constexpr):
     # Scaled NDC centre of pixel (row i, column j), computed in float32 as Kaolin does.
     px = cx_scale * (2 * j + 1 - W).to(tl.float32)
@@ -97,14 +92,15 @@ def _load_corners(fvi_ptr, face, mask):
 
 
 @triton.jit
-def _face_finite(fvi_ptr, fvz_ptr, face, mask):
+def _face_finite(x0, y0, x1, y1, x2, y2, fvz_ptr, face, mask):
     # The reference leaves out faces with a non-finite (scaled) corner or depth, in both passes.
-    x0, y0, x1, y1, x2, y2 = _load_corners(fvi_ptr, face, mask)
     z0 = tl.load(fvz_ptr + face * 3 + 0, mask=mask, other=0.0)
     z1 = tl.load(fvz_ptr + face * 3 + 1, mask=mask, other=0.0)
     z2 = tl.load(fvz_ptr + face * 3 + 2, mask=mask, other=0.0)
-    return (_finite(x0) & _finite(y0) & _finite(x1) & _finite(y1) & _finite(x2) & _finite(y2)
-            & _finite(z0) & _finite(z1) & _finite(z2))
+    inf = float("inf")
+    return ((tl.abs(x0) < inf) & (tl.abs(y0) < inf) & (tl.abs(x1) < inf) & (tl.abs(y1) < inf)
+            & (tl.abs(x2) < inf) & (tl.abs(y2) < inf) & (tl.abs(z0) < inf) & (tl.abs(z1) < inf)
+            & (tl.abs(z2) < inf))
 
 
 @triton.jit
@@ -197,7 +193,7 @@ def _bin_kernel(
         # Necessary for some pixel centre of the tile to pass the enlarged half-open box test,
         # which contains the hard pass's box test.
         hit = (fmask & (xlo <= tx_hi) & (xhi > tx_lo) & (ylo <= ty_hi) & (yhi > ty_lo)
-               & _face_finite(fvi_ptr, fvz_ptr, b * F + f, fmask))
+               & _face_finite(x0, y0, x1, y1, x2, y2, fvz_ptr, b * F + f, fmask))
         hit_i = hit.to(tl.int32)
         slot = count + tl.cumsum(hit_i, 0) - 1
         tl.store(list_ptr + pid.to(tl.int64) * F + slot, f, mask=hit)
@@ -322,7 +318,7 @@ def _backward_kernel(
 
     # Pixel rectangle around the enlarged box, one pixel of slack for rounding (the exact test
     # below decides); empty for the faces the forward left out.
-    ok = _face_finite(fvi_ptr, fvz_ptr, pid, True)
+    ok = _face_finite(x0, y0, x1, y1, x2, y2, fvz_ptr, pid, True)
     j_lo = (tl.where(ok, xlo, 0.0).to(tl.float32) / cx_scale + (W - 1)) * 0.5
     j_hi = (tl.where(ok, xhi, 0.0).to(tl.float32) / cx_scale + (W - 1)) * 0.5
     i_lo = ((H - 1) - tl.where(ok, yhi, 0.0).to(tl.float32) / cy_scale) * 0.5
@@ -370,8 +366,8 @@ def _backward_kernel(
         hard = lmask & (won == f)
         g = tl.load(gfeat_ptr + pix[:, None] * D + d[None, :], mask=hard[:, None] & dmask[None, :],
                     other=0.0)
-        rx = _div(px, _M) - ax
-        ry = _div(py, _M) - ay
+        rx = px / _M - ax
+        ry = py / _M - ay
         w1 = (rx * e2y - ry * e2x) / k3
         w2 = (e1x * ry - e1y * rx) / k3
         g1 = tl.sum(g * (fb - fa)[None, :], 1)
