@@ -6,7 +6,14 @@ import torch
 from torch import Tensor, nn
 
 from networks.attributes import Attributes
-from networks.encoders import BackgroundEncoder, CameraEncoder, LightEncoder, ShapeEncoder, TextureEncoder
+from networks.encoders import (
+    BackgroundEncoder,
+    CameraEncoder,
+    LightEncoder,
+    ShapeEncoder,
+    TextureEncoder,
+    check_image_size,
+)
 
 # Sub-encoders run frozen (no gradient, BN statistics untouched) in each mode; the background
 # encoder is always trained.
@@ -72,9 +79,7 @@ class AttributeEncoder(nn.Module):
         if template_verts.shape != (num_verts, 3) or laplacian.shape != (num_verts, num_verts):
             raise ValueError(f"template (V,3) and Laplacian (V,V) expected, got {tuple(template_verts.shape)} "
                              f"and {tuple(laplacian.shape)}")
-        if height % 32 or width % 32 or min(height, width) < 64:
-            raise ValueError(f"image height and width must be multiples of 32 and at least 64, got {height}x{width}: "
-                             "change --imageSize / --ratio")
+        check_image_size(height, width)
         self.height, self.width = height, width
         self.register_buffer("template", template_verts.detach().clone())
         self.register_buffer("laplacian", laplacian.detach().clone(), persistent=False)

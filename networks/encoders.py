@@ -405,7 +405,7 @@ class TextureEncoder(nn.Module):
 
     def flow(self, images: Tensor) -> Tensor:
         """images (B,4,H,W) -> (B,2,H,W) sampling grid in [-1, 1] (x, y) over the input image."""
-        _check_texture_size(images.shape[-2], images.shape[-1])
+        check_image_size(images.shape[-2], images.shape[-1])
         return self.decoder(*self.backbone.pyramid(normalize_4c(images)))
 
     def forward(self, images: Tensor) -> Tensor:
@@ -419,8 +419,9 @@ class TextureEncoder(nn.Module):
         return torch.cat([half, half.flip(2)], dim=2)                                   # (B,3,2H,W)
 
 
-def _check_texture_size(height: int, width: int) -> None:
-    # Stride 32 must divide the image, and the ASPP at stride 4 reflects by 8 pixels.
+def check_image_size(height: int, width: int) -> None:
+    """Raise ValueError unless H and W suit the texture encoder: multiples of 32 (its stride) and at
+    least 64 (its ASPP at stride 4 reflects by 8 pixels)."""
     if height % 32 or width % 32 or min(height, width) < 64:
         raise ValueError(f"the texture encoder needs height and width that are multiples of 32 and at least 64, "
                          f"got {height}x{width}: change --imageSize / --ratio")
