@@ -126,8 +126,8 @@ def find_folder(search_root: Path, name: str, containing: Iterable[str] = ()) ->
 
 
 def move_into(source: Path | None, target: Path) -> bool:
-    """Move folder ``source`` to ``target`` unless ``target`` exists; True if it moved."""
-    if source is None or target.exists() or source == target:
+    """Move folder ``source`` (if there is one) to ``target`` unless ``target`` exists; True if it moved."""
+    if source is None or not source.is_dir() or target.exists() or source == target:
         return False
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(source), str(target))
