@@ -137,6 +137,7 @@ def rasterize_reference(
     _check_inputs(face_verts_image, face_verts_z, face_features, face_normals_z, height, width,
                   sigma_inv, box_len, knum)
     batch, num_faces = face_normals_z.shape
+    height, width = int(height), int(width)
     dtype, device = face_verts_image.dtype, face_verts_image.device
     xs, ys = _pixel_centres(height, width, dtype, device)
     grid = _Grid(height, width, num_faces, xs, ys)
@@ -154,7 +155,7 @@ def rasterize_reference(
     soft_mask = _SoftMask.apply(face_verts_image, face_idx, finite, grid, float(sigma_inv),
                                 float(box_len), int(knum))
     return Rasterized(
-        features=features.reshape(batch, height, width, -1),
+        features=features.reshape(batch, height, width, face_features.shape[-1]),
         soft_mask=soft_mask.reshape(batch, height, width),
         face_idx=face_idx.reshape(batch, height, width),
     )

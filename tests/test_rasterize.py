@@ -364,3 +364,15 @@ def test_invalid_inputs_raise_with_a_message():
         rasterize_reference(verts, z, features, normals, 0, 8)
     with pytest.raises(ValueError, match="knum"):
         rasterize_reference(verts, z, features, normals, 8, 8, knum=0)
+
+
+def test_zero_feature_channels_still_give_face_index_soft_mask_and_gradient():
+    verts, z, _, normals = _square()
+    verts.requires_grad_(True)
+    out = rasterize_reference(verts, z, torch.zeros(1, 2, 3, 0, dtype=F64), normals, 64, 64)
+    assert out.features.shape == (1, 64, 64, 0)
+    assert (out.face_idx >= 0).sum() == 1024
+    out.soft_mask[0, 31, 48].backward()
+    # the right edge's two corners share 2 sigma^-1 d P (up to Kaolin's 1e-7 in 1 - P + 1e-7)
+    expected = 2 * 7000 / 64 * math.exp(-7000 / 4096)
+    torch.testing.assert_close(verts.grad[0, 0, 1:, 0].sum().item(), expected, rtol=1e-6, atol=0)
