@@ -11,7 +11,8 @@ most `_PAIRS_PER_CHUNK` pairs, so time and memory grow with the summed box areas
   ties), barycentric weights of the winner;
 * features: `_InterpolateFeatures`, whose backward is the closed form of §3.1 (the winning face's
   barycentrics recomputed at the fixed pixel centre);
-* soft mask: `_SoftMask`, first `knum` faces by index whose enlarged box holds an uncovered pixel, the
+* soft mask: `_SoftMask`, first `knum` faces by index whose enlarged box holds an uncovered pixel (faces
+  whose whole box is covered are skipped with a summed-area table of the uncovered pixels), the
   six-candidate squared distance, S = 1 - prod(1 - P); it keeps only the candidates with P > 0
   (pixel, face, nearest-feature type, dS/d(d^2)) for the closed-form backward of §3.2, not Kaolin's
   390 B/px buffer.
