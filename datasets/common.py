@@ -318,15 +318,16 @@ def pad_shift_flip(rgb: Image.Image, mask: Image.Image) -> tuple[Image.Image, Im
 
 
 def to_images(rgb: Image.Image, mask: Image.Image, bg: bool) -> torch.Tensor:
-    """(4, H, W) float32 in [0, 1]: RGB and the binary mask (grey > 160).
+    """(4, H, W) float32 in [0, 1]: RGB (value / 255) and the binary mask (grey > 160).
 
-    ``bg=False`` whitens the background (``rgb * m + (1 - m)``); ``bg=True`` keeps it.
+    ``bg=False`` whitens the background (``rgb * m + (1 - m)``); ``bg=True`` keeps it. Computed in
+    numpy: single-threaded, so loading never waits on torch's intra-op thread pool.
     """
-    rgb_t = TF.to_tensor(rgb)
-    mask_t = torch.from_numpy(np.asarray(mask) > FINAL_MASK_THRESHOLD).to(torch.float32)[None]
+    rgb_a = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
+    mask_a = (np.asarray(mask) > FINAL_MASK_THRESHOLD).astype(np.float32)[None]
     if not bg:
-        rgb_t = rgb_t * mask_t + (1.0 - mask_t)
-    return torch.cat([rgb_t, mask_t], dim=0)
+        rgb_a = rgb_a * mask_a + (np.float32(1.0) - mask_a)
+    return torch.from_numpy(np.concatenate([rgb_a, mask_a], axis=0))
 
 
 # ----------------------------------------------------------------------------- dataset

@@ -1,0 +1,116 @@
+"""Data-loader throughput: images/s of each dataset's loader at the training batch size.
+
+Builds trees in the real layouts in a temporary folder (fixture trees with noisy, photo-sized images
+for CUB, Market and ATR, so decoding costs what it costs on real data; a generated synthetic cache),
+then times ``DataLoader(shuffle, drop_last, persistent workers)`` over full batches after one warm-up
+batch. Prints a table; not a test.
+
+    python bench/data.py                      # 4 workers (the training default), batch 48
+    python bench/data.py --workers 0 8 --batches 30
+    python bench/data.py --datasets --generate 2000 --device cuda   # synthetic generation time only
+
+Run from the repository root (``PYTHONPATH=.`` when the project is not installed).
+"""
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from datasets import build_dataset
+from datasets.fixtures import write_atr_tree, write_cub_tree, write_market_tree
+from datasets.synthetic import ensure_synthetic
+
+# name: (image size W, ratio, source image size (w, h) of the fixture files)
+SETTINGS = {
+    "cub": (128, 1.0, (320, 288)),  # bounding-box crops of ~500x375 photos
+    "market": (64, 2.0, (128, 256)),
+    "atr": (96, 1.666666, (400, 600)),
+    "synthetic": (128, 1.0, None),
+}
+
+
+def add_noise(folder: Path, pattern: str, seed: int) -> None:
+    """Re-save every RGB file matching ``pattern`` with pixel noise (realistic file size and decode cost)."""
+    rng = np.random.default_rng(seed)
+    for path in sorted(folder.rglob(pattern)):
+        if "_0." in path.name:  # a mask
+            continue
+        rgb = np.asarray(Image.open(path).convert("RGB"), np.int16)
+        noisy = np.clip(rgb + rng.integers(-40, 41, rgb.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(path, **({"quality": 95} if path.suffix == ".jpg" else {}))
+
+
+def make_tree(name: str, root: Path, count: int) -> Path:
+    ratios = list(np.linspace(0.2, 0.6, count).round(2))
+    size = SETTINGS[name][2]
+    if name == "cub":
+        write_cub_tree(root, {"train": ratios}, size=size)
+        add_noise(root, "*.jpg", 0)
+    elif name == "market":
+        write_market_tree(root, {"train": ratios}, size=size)
+        add_noise(root / "pytorch", "*.png", 1)
+    elif name == "atr":
+        write_atr_tree(root, {"train": ratios}, size=size)
+        add_noise(root / "JPEGImages", "*.jpg", 2)
+    else:
+        ensure_synthetic(root, count, 1, SETTINGS[name][0], SETTINGS[name][1], seed=0)
+    return root
+
+
+def images_per_second(dataset, batch: int, workers: int, batches: int) -> float:
+    loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
+                        persistent_workers=workers > 0, prefetch_factor=3 if workers > 0 else None)
+
+    def endless():
+        while True:
+            yield from loader
+
+    stream = endless()
+    next(stream)  # start the workers
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(stream)
+    return batches * batch / (time.perf_counter() - start)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--datasets", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--workers", type=int, nargs="+", default=[4], help="worker counts to time")
+    parser.add_argument("--batch", type=int, default=48)
+    parser.add_argument("--batches", type=int, default=20, help="timed batches per measurement")
+    parser.add_argument("--files", type=int, default=200, help="images per fixture tree")
+    parser.add_argument("--generate", type=int, default=0,
+                        help="also time generating a synthetic cache of this many 128x128 train images")
+    parser.add_argument("--device", default="cpu", help="render device for --generate")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    print(f"torch threads {torch.get_num_threads()}, batch {args.batch}, {args.batches} timed batches")
+    print(f"{'dataset':<10} {'output WxH':>10} {'source':>9} {'workers':>7} {'images/s':>9}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.datasets:
+            width, ratio, source = SETTINGS[name]
+            root = make_tree(name, Path(tmp) / name, args.files)
+            dataset = build_dataset(name, root, "train", width, ratio, None, aug=True, bg=True)
+            source_text = "x".join(map(str, source)) if source else "rendered"
+            for workers in args.workers:
+                rate = images_per_second(dataset, args.batch, workers, args.batches)
+                print(f"{name:<10} {f'{width}x{round(ratio * width)}':>10} {source_text:>9} {workers:>7} {rate:>9.0f}")
+        if args.generate:
+            start = time.perf_counter()
+            ensure_synthetic(Path(tmp) / "generated", args.generate, 1, 128, 1.0, seed=0, device=args.device)
+            seconds = time.perf_counter() - start
+            print(f"synthetic generation: {args.generate + 1} images at 128x128 on {args.device} in {seconds:.1f} s "
+                  f"({(args.generate + 1) / seconds:.0f} images/s)")
+
+
+if __name__ == "__main__":
+    main()
