@@ -50,7 +50,7 @@ _NO_CUTOFF = tl.constexpr(2**31 - 1)  # fewer than knum candidates: every one is
 # Launch shapes: forward pixel tiles of 8 x 16, faces in blocks; backward pixels per step.
 _TILE_H = 8
 _TILE_W = 16
-_BIN_BLOCK_F = 128
+_BIN_BLOCK_F = 64
 _FWD_BLOCK_F = 16
 _FWD_WARPS = 4
 _BWD_BLOCK_P = 64
@@ -171,20 +171,23 @@ def _box(x0, y0, x1, y1, x2, y2, margin):
 @triton.jit
 def _bin_kernel(
     fvi_ptr, fvz_ptr, list_ptr, count_ptr, margin_ptr,
-    F, H, W, tiles_w, num_tiles, cx_scale, cy_scale,
-    TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_F: tl.constexpr,
+    F, H, W, tiles_h, tiles_w, cx_scale, cy_scale,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
+    # One program per (image, row of tiles): each face is loaded once for the whole row.
     pid = tl.program_id(0)
-    b = pid // num_tiles
-    tile = pid % num_tiles
-    i0 = (tile // tiles_w) * TILE_H
-    j0 = (tile % tiles_w) * TILE_W
+    b = pid // tiles_h
+    i0 = (pid % tiles_h) * TILE_H
+    t = tl.arange(0, BLOCK_T)
+    tmask = t < tiles_w
+    j0 = t * TILE_W
     dtype = fvi_ptr.dtype.element_ty
     tx_lo, ty_hi = _pixel_centres(i0, j0, H, W, cx_scale, cy_scale, dtype)
     tx_hi, ty_lo = _pixel_centres(tl.minimum(i0 + TILE_H, H) - 1, tl.minimum(j0 + TILE_W, W) - 1,
                                   H, W, cx_scale, cy_scale, dtype)
+    tile = pid * tiles_w + t  # = (b * tiles_h + tile row) * tiles_w + tile column
     margin = tl.load(margin_ptr)
-    count = 0
+    count = tl.zeros([BLOCK_T], tl.int32)
     for start in range(0, F, BLOCK_F):
         f = start + tl.arange(0, BLOCK_F)
         fmask = f < F
@@ -192,13 +195,14 @@ def _bin_kernel(
         xlo, xhi, ylo, yhi = _box(x0, y0, x1, y1, x2, y2, margin)
         # Necessary for some pixel centre of the tile to pass the enlarged half-open box test,
         # which contains the hard pass's box test.
-        hit = (fmask & (xlo <= tx_hi) & (xhi > tx_lo) & (ylo <= ty_hi) & (yhi > ty_lo)
-               & _face_finite(x0, y0, x1, y1, x2, y2, fvz_ptr, b * F + f, fmask))
+        row_hit = (fmask & (ylo <= ty_hi) & (yhi > ty_lo)
+                   & _face_finite(x0, y0, x1, y1, x2, y2, fvz_ptr, b * F + f, fmask))
+        hit = row_hit[:, None] & tmask[None, :] & (xlo[:, None] <= tx_hi[None, :]) & (xhi[:, None] > tx_lo[None, :])
         hit_i = hit.to(tl.int32)
-        slot = count + tl.cumsum(hit_i, 0) - 1
-        tl.store(list_ptr + pid.to(tl.int64) * F + slot, f, mask=hit)
+        slot = count[None, :] + tl.cumsum(hit_i, 0) - 1
+        tl.store(list_ptr + tile[None, :].to(tl.int64) * F + slot, f[:, None], mask=hit)
         count += tl.sum(hit_i, 0)
-    tl.store(count_ptr + pid, count)
+    tl.store(count_ptr + tile, count, mask=tmask)
 
 
 @triton.jit
@@ -455,8 +459,8 @@ class _DibrRasterize(torch.autograd.Function):
                 height, width, sigma_inv, box_len, knum):
         batch, num_faces, _, channels = face_features.shape
         device, dtype = face_verts_image.device, face_verts_image.dtype
-        tiles_w = triton.cdiv(width, _TILE_W)
-        num_tiles = triton.cdiv(height, _TILE_H) * tiles_w
+        tiles_h, tiles_w = triton.cdiv(height, _TILE_H), triton.cdiv(width, _TILE_W)
+        num_tiles = tiles_h * tiles_w
         # Scalars travel as 1-element tensors of the input dtype: Triton passes Python floats as
         # float32, which would round them for float64 inputs.
         margin = torch.tensor([box_len * MULTIPLIER], dtype=dtype, device=device)
@@ -469,10 +473,11 @@ class _DibrRasterize(torch.autograd.Function):
         face_idx = torch.empty(batch, height, width, dtype=torch.int64, device=device)
         cutoff = torch.empty(batch, height, width, dtype=torch.int32, device=device)
         grid = (batch * num_tiles,)
-        _bin_kernel[grid](
+        _bin_kernel[(batch * tiles_h,)](
             face_verts_image, face_verts_z, face_lists, list_counts, margin,
-            num_faces, height, width, tiles_w, num_tiles, _scale(width), _scale(height),
-            TILE_H=_TILE_H, TILE_W=_TILE_W, BLOCK_F=_BIN_BLOCK_F, enable_fp_fusion=False,
+            num_faces, height, width, tiles_h, tiles_w, _scale(width), _scale(height),
+            TILE_H=_TILE_H, TILE_W=_TILE_W, BLOCK_F=_BIN_BLOCK_F,
+            BLOCK_T=triton.next_power_of_2(tiles_w), enable_fp_fusion=False,
         )
         _forward_kernel[grid](
             face_verts_image, face_verts_z, face_features, face_normals_z, face_lists, list_counts,
