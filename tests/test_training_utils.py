@@ -32,8 +32,8 @@ def test_script_defaults_and_synthetic_preset_yield_to_the_command_line():
     market = {"name": "baseline-MKT", "ratio": 2.0, "imageSize": 64}
     opts = parse_options([], market)
     assert (opts.name, opts.ratio, opts.imageSize) == ("baseline-MKT", 2.0, 64)
-    synth = parse_options(["--dataset", "synthetic", "--imageSize", "32"], market)
-    assert synth.imageSize == 32 and synth.pretraint == "none" and synth.niter == 12
+    synth = parse_options(["--dataset", "synthetic", "--imageSize", "96"], market)
+    assert synth.imageSize == 96 and synth.pretraint == "none" and synth.niter == 6
 
 
 def test_unknown_script_default_is_rejected():

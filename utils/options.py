@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from networks.encoders import check_image_size
+
 DATASETS = ("cub", "market", "atr", "synthetic")
 BACKBONES = ("none", "res18", "res34", "res50", "hr18sv2")
 SCHEDULERS = ("cosine", "step", "restart", "restart2", "restart1", "exp")
@@ -29,11 +31,10 @@ SCHEDULERS = ("cosine", "step", "restart", "restart2", "restart1", "exp")
 SYNTHETIC_PRESET = dict(
     dataroot="./data/synthetic",
     imageSize=64,
-    ratio=1.0,
     batchSize=16,
-    niter=12,
-    warm_epoch=2,
-    eval_every=4,
+    niter=6,
+    warm_epoch=1,
+    eval_every=2,
     em_gap=2,
     pretrains="none",
     pretrainc="none",
@@ -41,8 +42,8 @@ SYNTHETIC_PRESET = dict(
     threshold="0.01,0.99",
     clean_threshold="0.01,0.99",
     workers=2,
-    synthetic_train=512,
-    synthetic_test=64,
+    synthetic_train=192,
+    synthetic_test=48,
 )
 
 
@@ -233,8 +234,9 @@ def derive(opts: argparse.Namespace) -> Derived:
         drops = []
     if len(drops) != 3:
         raise ValueError(f"--droprate expects three comma-separated floats, got {opts.droprate!r}")
-    if opts.imageSize < 16 or opts.ratio <= 0:
-        raise ValueError("--imageSize must be >= 16 and --ratio > 0")
+    if opts.ratio <= 0:
+        raise ValueError("--ratio must be > 0")
+    check_image_size(round(opts.ratio * opts.imageSize), opts.imageSize)
     try:
         elev = _range(opts.elev_range, "~")
         dist = _range(opts.dist_range, "~")

@@ -1,0 +1,103 @@
+"""End-to-end training on a tiny synthetic dataset: smoke runs, resume, interruption, NaN handling."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+import train
+import train_ATR2
+import train_market
+from networks import losses
+from utils.checkpoints import load_checkpoint
+from utils.model import build_template
+from utils.options import parse_options
+from utils.trainer import NonFiniteLossError
+from utils.trainer import train as run_training
+
+# 8 training images at batch 4: two steps per epoch.
+TINY = ["--dataset", "synthetic", "--imageSize", "64", "--batchSize", "4", "--synthetic_train", "8",
+        "--synthetic_test", "4", "--workers", "0", "--device", "cpu", "--eval_every", "100", "--vis_every", "100"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("synthetic"))
+
+
+def tiny_args(tmp_path, data_root, name, *extra):
+    return [*TINY, "--dataroot", data_root, "--log_root", str(tmp_path), "--name", name, *extra]
+
+
+@pytest.mark.parametrize("script", [train, train_market, train_ATR2])
+def test_each_training_script_runs_two_iterations(script, tmp_path, data_root):
+    ratio_flags = ["--ratio", "1"]  # the synthetic cache is shared by the three runs of this module
+    args = tiny_args(tmp_path, data_root, "smoke", "--niter", "1", "--hard", "--vis_every", "1", *ratio_flags)
+    assert script.main(args) == 0
+    run = tmp_path / "smoke"
+    ckpt = load_checkpoint(run / "ckpts" / "latest.pt")
+    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 2
+    for name in ("opts.yaml", "log.txt", "metrics.jsonl", "ckpts/best.pt", "ckpts/latest_template.obj"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0.0 <= metrics["mask_iou"] <= 1.0 and 0.0 < metrics["chamfer_template"]
+    assert any((run / "visuals").glob("epoch_000_rotation.gif"))
+
+
+def _params(trainer):
+    state = {f"encoder.{k}": v.clone() for k, v in trainer.encoder.state_dict().items()}
+    state.update({f"critic.{k}": v.clone() for k, v in trainer.critic.state_dict().items()})
+    state["template"] = trainer.template.verts.clone()
+    return state
+
+
+def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path, data_root):
+    # 3 epochs x 2 steps, the template updated every epoch, SWA from epoch 1.
+    extra = ["--niter", "3", "--em", "7", "--swa_start", "1", "--update_shape", "-1"]
+    straight = run_training(parse_options(tiny_args(tmp_path, data_root, "straight", *extra), {}))
+
+    def interrupt_at_step_3(trainer):
+        if trainer.global_step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stopped = run_training(parse_options(tiny_args(tmp_path, data_root, "resumed", *extra), {}), interrupt_at_step_3)
+    assert stopped.global_step == 3 and stopped.epoch == 1  # stopped mid-epoch 1
+    ckpt = load_checkpoint(tmp_path / "resumed" / "ckpts" / "latest.pt")
+    assert (ckpt["epoch"], ckpt["next_batch"]) == (1, 1)
+    resumed = run_training(parse_options(tiny_args(tmp_path, data_root, "resumed", *extra, "--resume"), {}))
+    assert resumed.global_step == 6
+    a, b = _params(straight), _params(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    initial = build_template(straight.opts).verts
+    assert not torch.allclose(straight.template.verts, initial)  # the EM step ran
+
+
+def test_reusing_a_run_name_needs_resume(tmp_path, data_root):
+    args = tiny_args(tmp_path, data_root, "taken", "--niter", "1")
+    run_training(parse_options(args, {}))
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_training(parse_options(args, {}))
+    with pytest.raises(FileNotFoundError, match="without --resume"):
+        run_training(parse_options(tiny_args(tmp_path, data_root, "never-ran", "--resume"), {}))
+
+
+def test_non_finite_losses_skip_steps_then_stop_without_a_bad_checkpoint(tmp_path, data_root, monkeypatch, caplog):
+    real = losses.data_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):
+        calls["n"] += 1
+        image, mask = real(*args, **kwargs)
+        return (image * float("nan"), mask) if calls["n"] >= 2 else (image, mask)
+
+    monkeypatch.setattr(losses, "data_loss", sometimes_nan)
+    args = tiny_args(tmp_path, data_root, "nan", "--niter", "4", "--max_bad_steps", "3")
+    with pytest.raises(NonFiniteLossError, match="3 consecutive"):
+        run_training(parse_options(args, {}))
+    assert "step skipped" in caplog.text
+    ckpt = load_checkpoint(tmp_path / "nan" / "ckpts" / "latest.pt")  # written after epoch 0
+    assert all(v.isfinite().all() for v in ckpt["encoder"].values() if v.is_floating_point())

@@ -1,0 +1,124 @@
+"""Assembling the model from options, rendering attributes, and loading a trained run.
+
+The one place that turns an options namespace into networks and a template, so that training,
+`test.py`, `show_rainbow2.py` and `demo.py` build exactly the same model from `opts.yaml`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from networks import AttributeEncoder, Attributes, Discriminator, MultiScaleDiscriminator
+from renderer.mesh import Template
+from renderer.render import RenderOutput, render
+from utils.checkpoints import load_checkpoint
+from utils.options import derive, load_options
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda if available else cpu; otherwise the named device (checked)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {name} asked for, but PyTorch sees no CUDA device: use --device cpu")
+    return device
+
+
+def build_template(opts: argparse.Namespace) -> Template:
+    """The initial template: the built-in icosphere, or `--template_path`, normalised per `--ellipsoid`."""
+    if opts.template_path:
+        path = Path(opts.template_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"--template_path {path} does not exist; omit it to use the built-in icosphere")
+        return Template.from_obj(path, ellipsoid=opts.ellipsoid)
+    return Template.icosphere(ellipsoid=opts.ellipsoid)
+
+
+def build_encoder(opts: argparse.Namespace, template: Template) -> AttributeEncoder:
+    d = derive(opts)
+    return AttributeEncoder(
+        template_verts=template.verts,
+        laplacian=template.laplacian,
+        height=d.height,
+        width=d.width,
+        shape_backbone=opts.pretrains,
+        camera_backbone=opts.pretrainc,
+        texture_backbone=opts.pretraint,
+        pretrained=opts.pretrained,
+        norm=opts.norm,
+        nk=opts.nk,
+        coordconv=opts.coordconv,
+        local_features=not opts.nolpl,
+        predict_background=opts.bg,
+        drop_camera=d.drop_camera,
+        drop_shape=d.drop_shape,
+        drop_texture=d.drop_texture,
+        dist_range=d.dist_range,
+        elev_range=d.elev_range,
+        azi_scope=opts.azi_scope,
+    )
+
+
+def build_critic(opts: argparse.Namespace) -> torch.nn.Module:
+    channels = 4 if opts.unmask == 2 else 3
+    return Discriminator(channels) if opts.gan_type == "wgan" else MultiScaleDiscriminator(channels)
+
+
+def render_attributes(attrs: Attributes, template: Template, height: int, width: int,
+                      with_background: bool = False) -> RenderOutput:
+    """Render an attribute set; `with_background` composites over the predicted background
+    (training with `--bg`), otherwise on white (evaluation, gifs)."""
+    return render(
+        attrs.verts, template.faces, template.face_uvs,
+        attrs.azimuth_deg, attrs.elevation_deg, attrs.distance, attrs.offset,
+        attrs.texture, attrs.light, height=height, width=width,
+        background=attrs.background if with_background else None,
+    )
+
+
+def as_image(out: RenderOutput) -> torch.Tensor:
+    """(B,4,H,W): rendered RGB + soft silhouette, the layout of the dataset images."""
+    return torch.cat([out.rgb, out.silhouette], dim=1)
+
+
+@dataclass
+class TrainedRun:
+    opts: argparse.Namespace
+    template: Template
+    encoder: AttributeEncoder
+    epoch: int
+    checkpoint_path: Path
+
+
+def load_run(run_dir: Path, which: str = "best", device: str = "cpu", swa: bool = False) -> TrainedRun:
+    """Rebuild a run's encoder (eval mode) and learned template from `opts.yaml` and a checkpoint.
+
+    Args:
+        run_dir: log/<name>.
+        which: 'best', 'latest', or a path to a checkpoint file.
+        swa: load the stochastic-weight-averaged encoder instead of the last one.
+    Raises FileNotFoundError (never evaluates an untrained model) and ValueError for a checkpoint
+    without SWA weights when `swa` is asked for.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder {run_dir} not found: check --name (runs live in log/<name>)")
+    opts = load_options(run_dir / "opts.yaml")
+    path = Path(which) if which not in ("best", "latest") else run_dir / "ckpts" / f"{which}.pt"
+    ckpt = load_checkpoint(path)
+    # The weights come from the checkpoint: never ask for ImageNet weights when rebuilding.
+    opts.pretrained = False
+    template = build_template(opts)
+    encoder = build_encoder(opts, template)
+    key = "swa_encoder" if swa else "encoder"
+    if key not in ckpt:
+        raise ValueError(f"{path} holds no SWA weights (SWA starts at epoch {derive(opts).swa_start}); drop --swa")
+    encoder.load_state_dict(ckpt[key])
+    template = replace(template, verts=encoder.template.detach().clone())
+    encoder.to(device).eval()
+    return TrainedRun(opts, template.to(device), encoder, ckpt["epoch"], path)

@@ -1,0 +1,542 @@
+"""The one training loop (model-training.md §6), shared by the three training scripts.
+
+Per step: encode the batch (with the encoder-alternation schedule), re-render it, build a set of
+interpolated attributes under a random camera and render it, re-encode that render (attribute
+cycle), update the critic (WGAN-GP), then the encoders on the weighted sum of all loss terms. Per
+epoch: SWA, schedulers, evaluation, images, the template (EM) update and a checkpoint.
+
+Reliability: every checkpoint is atomic and holds the models, optimizers, schedulers, SWA state,
+learned template, warm-up, data position and RNG states, so `--resume` continues bit-for-bit on the
+CPU; SIGINT/SIGTERM finish the current step, save and exit; a non-finite loss skips the step and
+several in a row stop the run without writing a bad checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from datasets import build_dataset
+from datasets.synthetic import ensure_synthetic
+from networks import Attributes, losses, mode_for_iteration
+from renderer.mesh import save_obj
+from utils.checkpoints import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from utils.data import EpochSampler, SeededItems
+from utils.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from utils.metrics import evaluate
+from utils.model import as_image, build_critic, build_encoder, build_template, render_attributes, resolve_device
+from utils.options import derive, save_options
+from utils.template_update import bad_samples, step_template
+from utils.visualization import save_epoch_visuals
+
+log = logging.getLogger("magic_mirror")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Trainer:
+    """Owns the models, optimizers and state of one run; `fit()` trains it to the end."""
+
+    def __init__(self, opts: argparse.Namespace, dist_info: DistInfo | None = None):
+        self.opts, self.d = opts, derive(opts)
+        self.dist = dist_info or DistInfo()
+        self.device = resolve_device(opts.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.run_dir = self.d.run_dir
+        self._prepare_run_dir()
+        seed_everything(opts.manualSeed + self.dist.rank)
+
+        self.template = build_template(opts).to(self.device)
+        self.encoder = build_encoder(opts, self.template).to(self.device)
+        self.critic = build_critic(opts).to(self.device)
+        self.train_encoder, self.train_critic = self.encoder, self.critic
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_encoder = DistributedDataParallel(self.encoder, device_ids=ids, find_unused_parameters=True)
+            self.train_critic = DistributedDataParallel(self.critic, device_ids=ids)
+        self.opt_e, self.opt_d = self._optimizers()
+        self.sched_e, self.sched_d = self._scheduler(self.opt_e), self._scheduler(self.opt_d)
+        self.swa = AveragedModel(self.encoder) if opts.swa else None
+        self._gan_losses = ((losses.wgan_critic_loss, losses.wgan_generator_loss) if opts.gan_type == "wgan"
+                            else (losses.lsgan_critic_loss, losses.lsgan_generator_loss))
+
+        self._build_data()
+        self.warm_iterations = max(1, self.train_sampler.num_batches * opts.warm_epoch)
+        self.warm_up = 0.01 if opts.warm_epoch > 0 else 1.0
+        self.em_step = opts.em_step
+        self.epoch, self.start_batch, self.global_step = 0, 0, 0
+        self.best_iou = -math.inf
+        self.bad_streak = 0
+        self.stop_requested = False
+        self.writer = None
+        if self.dist.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        if opts.resume:
+            self._load(self.run_dir / "ckpts" / "latest.pt")
+
+    # ------------------------------------------------------------------ setup
+
+    def _prepare_run_dir(self) -> None:
+        exists = (self.run_dir / "opts.yaml").exists()
+        if exists and not self.opts.resume:
+            raise FileExistsError(
+                f"run folder {self.run_dir} already holds a run: pass --resume to continue it, "
+                "or choose another --name"
+            )
+        if self.opts.resume and not (self.run_dir / "ckpts" / "latest.pt").is_file():
+            raise FileNotFoundError(f"--resume: {self.run_dir}/ckpts/latest.pt not found; start without --resume")
+        if self.dist.is_main:
+            (self.run_dir / "ckpts").mkdir(parents=True, exist_ok=True)
+            if not exists:
+                save_options(self.opts, self.run_dir / "opts.yaml")
+            handler = logging.FileHandler(self.run_dir / "log.txt")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+            log.addHandler(handler)
+            log.setLevel(logging.INFO)
+        barrier(self.dist)
+
+    def _optimizers(self):
+        o = self.opts
+        betas = (o.beta1, 0.999)
+        # A pretrained shape backbone moves at 0.05 x lr (the original's two parameter groups).
+        slow = self.encoder.pretrained_shape_parameters() if o.pretrained else []
+        slow_ids = {id(p) for p in slow}
+        fast = [p for p in self.encoder.parameters() if id(p) not in slow_ids]
+        groups = [{"params": fast, "lr": o.lr}] + ([{"params": slow, "lr": 0.05 * o.lr}] if slow else [])
+        enc_cls = torch.optim.AdamW if o.adamw else torch.optim.Adam
+        opt_e = enc_cls(groups, lr=o.lr, betas=betas, weight_decay=o.wd, amsgrad=o.amsgrad)
+        opt_d = torch.optim.Adam(self.critic.parameters(), lr=o.lr, betas=betas, weight_decay=o.wd, amsgrad=o.amsgrad)
+        return opt_e, opt_d
+
+    def _scheduler(self, optimizer):
+        o, sched = self.opts, torch.optim.lr_scheduler
+        eta_min = o.gamma * o.lr
+        if o.scheduler == "step":
+            return sched.StepLR(optimizer, step_size=max(1, round(0.8 * o.niter)), gamma=o.gamma)
+        if o.scheduler in ("restart", "restart2", "restart1"):
+            t0, mult = {"restart": (o.niter // 7 + 1, 2), "restart2": (o.niter // 3 + 1, 2),
+                        "restart1": (o.niter // 2 + 1, 1)}[o.scheduler]
+            return sched.CosineAnnealingWarmRestarts(optimizer, T_0=t0, T_mult=mult, eta_min=eta_min)
+        if o.scheduler == "exp":
+            return sched.ExponentialLR(optimizer, gamma=0.997)
+        return sched.CosineAnnealingLR(optimizer, T_max=max(1, o.niter), eta_min=eta_min)
+
+    def _dataset(self, split: str, threshold, aug: bool):
+        o = self.opts
+        return build_dataset(o.dataset, root=o.dataroot, split=split, image_size=o.imageSize, ratio=o.ratio,
+                             threshold=threshold, aug=aug, bg=o.bg)
+
+    def _loader(self, dataset, sampler=None, shuffle=False, batch_size=None):
+        o = self.opts
+        workers = o.workers
+        return DataLoader(
+            SeededItems(dataset, o.manualSeed) if sampler is not None else dataset,
+            batch_size=batch_size or o.batchSize, sampler=sampler, shuffle=shuffle,
+            num_workers=workers, prefetch_factor=o.prefetch_factor if workers > 0 else None,
+            persistent_workers=workers > 0 and sampler is not None,
+            pin_memory=self.device.type == "cuda",
+            # Its own generator: creating a loader iterator must not draw from the global RNG, or a
+            # resumed run's random stream would be shifted by one draw.
+            generator=torch.Generator().manual_seed(o.manualSeed),
+        )
+
+    def _build_data(self) -> None:
+        o, d = self.opts, self.d
+        if o.dataset == "synthetic":
+            if self.dist.is_main:
+                ensure_synthetic(o.dataroot, num_train=o.synthetic_train, num_test=o.synthetic_test,
+                                 image_size=o.imageSize, ratio=o.ratio, seed=o.manualSeed, ellipsoid=o.ellipsoid,
+                                 elevation_range=d.elev_range, distance_range=d.dist_range,
+                                 offset_range=o.bias_range, device=self.device)
+            barrier(self.dist)
+        train = self._dataset("train", d.threshold, aug=True)
+        self.train_sampler = EpochSampler(len(train), o.batchSize, o.manualSeed, shuffle=True,
+                                          rank=self.dist.rank, world_size=self.dist.world_size)
+        self.train_loader = self._loader(train, sampler=self.train_sampler)
+        clean = self._dataset("train", d.clean_threshold, aug=o.dataset == "atr")  # ATR2 averages augmented
+        self.clean_sampler = EpochSampler(len(clean), o.batchSize, o.manualSeed, shuffle=False,
+                                          rank=self.dist.rank, world_size=self.dist.world_size)
+        self.clean_loader = self._loader(clean, sampler=self.clean_sampler)
+        self.test_loader = self._loader(self._dataset("test", d.threshold, aug=False)) if self.dist.is_main else None
+        if self.dist.is_main:
+            log.info("data: %d train, %d clean, %d test images", len(train), len(clean), len(self.test_loader.dataset))
+
+    # ------------------------------------------------------------------ one step
+
+    def _render(self, attrs: Attributes):
+        return render_attributes(attrs, self.template, self.d.height, self.d.width, with_background=self.opts.bg)
+
+    def _critic_input(self, images: torch.Tensor) -> torch.Tensor:
+        """(B,4,H,W) RGB+mask -> what the critic sees, per --unmask."""
+        if self.opts.unmask == 2:
+            return images
+        rgb, mask = images[:, :3], images[:, 3:]
+        return rgb if self.opts.unmask == 1 else rgb * mask + (1 - mask)
+
+    def _random_camera(self, attrs: Attributes, batch: int) -> Attributes:
+        o, d, dev = self.opts, self.d, self.device
+
+        def uniform(lo, hi, *shape):
+            return torch.rand(*shape, device=dev) * (hi - lo) + lo
+
+        return replace(
+            attrs,
+            azimuth_deg=-uniform(-o.azi_scope / 2, o.azi_scope / 2, batch),
+            elevation_deg=uniform(*d.elev_range, batch),
+            distance=uniform(*d.dist_range, batch),
+            offset=uniform(-o.bias_range, o.bias_range, batch, 2),
+        )
+
+    def _hard_azimuth(self, batch: int) -> torch.Tensor:
+        h, dev = self.opts.hard_range, self.device
+        narrow = torch.rand(batch, device=dev) * (180 - 2 * h) + h
+        wide = torch.rand(batch, device=dev) * 180
+        pick = torch.rand(batch, device=dev) < 0.5
+        sign = torch.where(torch.rand(batch, device=dev) < 0.5, -1.0, 1.0)
+        return -torch.where(pick, narrow, wide) * sign
+
+    def _permutation(self, batch: int, bad: torch.Tensor) -> torch.Tensor:
+        """A random permutation whose entries never point at a failed prediction (if any succeeded)."""
+        perm = torch.randperm(batch, device=self.device)
+        good = torch.nonzero(~bad).flatten()
+        if bad.any() and good.numel() > 0:
+            hits = bad[perm]
+            perm[hits] = good[torch.randint(good.numel(), (int(hits.sum()),), device=self.device)]
+        return perm
+
+    def _regularisers(self, attrs: Attributes, face_normals: torch.Tensor) -> dict[str, torch.Tensor]:
+        o, t = self.opts, self.template
+        terms = {
+            "laplacian": losses.laplacian_loss(attrs.delta_verts, t.laplacian),
+            "flat": losses.flatness_loss(face_normals, t.edge_faces),
+            "edge": losses.edge_length_loss(attrs.verts, t.edges),
+            "deform": losses.deform_loss(attrs.delta_verts),
+        }
+        if o.lambda_depth > 0:
+            terms["depth"] = losses.depth_loss(attrs.verts)
+        if o.lambda_depthR > 0:
+            terms["depthR"] = losses.depth_weighted_loss(attrs.verts, t.sign_init, o.ratio, "exp", o.temp)
+        if o.lambda_depthC > 0:
+            terms["depthC"] = losses.depth_weighted_loss(attrs.verts, t.sign_init, o.ratio, "quadratic", o.temp)
+        return terms
+
+    def _step(self, images: torch.Tensor, iteration: int) -> dict[str, float]:
+        o, dev = self.opts, self.device
+        x = images.to(dev, non_blocking=True)
+        batch = x.shape[0]
+        mode = mode_for_iteration(o.update_shape, iteration)
+
+        ae = self.train_encoder(x, mode)
+        out_e = self._render(ae)
+        x_er = as_image(out_e)
+        if o.hard:
+            x_er90 = as_image(self._render(replace(ae, azimuth_deg=self._hard_azimuth(batch))))
+        else:
+            x_er90 = x_er
+        bad = bad_samples(ae.delta_verts.detach())
+        aa, ab = ae.index(self._permutation(batch, bad)), ae.index(self._permutation(batch, bad))
+        alphas = torch.rand(3, batch, device=dev)
+        ai = self._random_camera(aa.lerp(ab, shape=alphas[0], texture=alphas[1], light=alphas[2]), batch)
+        out_i = self._render(ai)
+        x_ir = as_image(out_i)
+        aire = self.train_encoder(x_ir.detach(), 0)
+
+        # ---- critic (on detached renders), stepped before the encoders' adversarial term reads it
+        real, fake90, fake_i = (self._critic_input(v) for v in (x, x_er90, x_ir))
+        w = o.ganw
+        critic_loss, generator_loss = self._gan_losses
+        s_real, s_90, s_i = _split_scores(self.train_critic(torch.cat([real, fake90.detach(), fake_i.detach()])), batch)
+        gp = (losses.gradient_penalty(self.critic, real, fake90.detach())
+              + w * losses.gradient_penalty(self.critic, real, fake_i.detach())) / (1 + w)
+        d_terms = {
+            "adv": o.lambda_gan * (critic_loss(s_real, s_90) + w * critic_loss(s_real, s_i)) / (1 + w),
+            "gp": o.gan_reg * o.lambda_gan * gp,
+        }
+        loss_d = self.warm_up * (d_terms["adv"] + d_terms["gp"])
+        if not torch.isfinite(loss_d):
+            return self._skip_step("critic", loss_d)
+        self.opt_d.zero_grad(set_to_none=True)
+        loss_d.backward(inputs=list(self.critic.parameters()))
+        self.opt_d.step()
+
+        # ---- encoders (the critic is only read here: its own gradients are not wanted)
+        g_90, g_i = _split_scores(self.critic(torch.cat([fake90, fake_i])), batch)
+        e_terms = {"gan": o.lambda_gan * (generator_loss(g_90) + w * generator_loss(g_i)) / (1 + w)}
+        image_l1, mask_loss = losses.data_loss(out_e.rgb, out_e.silhouette, x[:, :3], x[:, 3:],
+                                               contour_weight=o.lambda_contour)
+        e_terms["data"] = o.lambda_data * (o.image_weight * image_l1 + mask_loss)
+        reg_e, reg_i = self._regularisers(ae, out_e.face_normals), self._regularisers(ai, out_i.face_normals)
+        weights = {"laplacian": o.lambda_reg * o.lambda_lpl, "flat": o.lambda_reg * o.lambda_flat,
+                   "edge": o.lambda_edge, "deform": o.lambda_deform, "depth": o.lambda_depth,
+                   "depthR": o.lambda_depthR, "depthC": o.lambda_depthC}
+        for name in reg_e:
+            e_terms[name] = weights[name] * (reg_e[name] + reg_i[name]) / 2
+        flip = [losses.flip_loss(a.delta_verts, self.template.flip_index, self.template.sign_init, l1=o.flipL1)
+                for a in (ae, ai, aire)]
+        e_terms["flip"] = o.lambda_flipz * sum(flip) / 3
+        if o.lambda_ic > 0:
+            e_terms["cycle"] = o.lambda_ic * losses.attribute_cycle_loss(
+                aire, ai.detach(), azim_weight=o.azim, l1=o.L1, chamfer=o.chamfer)
+        loss_e = self.warm_up * sum(e_terms.values())
+        if not torch.isfinite(loss_e):
+            return self._skip_step("encoder", loss_e)
+        self.bad_streak = 0
+        self.opt_e.zero_grad(set_to_none=True)
+        loss_e.backward(inputs=[p for p in self.encoder.parameters() if p.requires_grad])
+        self.opt_e.step()
+
+        stats = {f"D/{k}": v.item() for k, v in d_terms.items()}
+        stats.update({f"E/{k}": v.item() for k, v in e_terms.items()})
+        stats.update({"D/total": loss_d.item(), "E/total": loss_e.item(), "warm_up": self.warm_up,
+                      "mask_iou": 1 - mask_loss.item()})
+        self._last_batch = (x, x_er, x_ir, ae)
+        return stats
+
+    def _skip_step(self, which: str, loss: torch.Tensor) -> dict[str, float]:
+        self.bad_streak += 1
+        log.warning("non-finite %s loss (%s) at epoch %d step %d: step skipped (%d in a row)",
+                    which, loss.item(), self.epoch, self.global_step, self.bad_streak)
+        self.opt_d.zero_grad(set_to_none=True)
+        self.opt_e.zero_grad(set_to_none=True)
+        if self.bad_streak >= self.opts.max_bad_steps:
+            raise NonFiniteLossError(
+                f"{self.bad_streak} consecutive non-finite losses: stopping. The last good checkpoint is "
+                f"{self.run_dir / 'ckpts' / 'latest.pt'}; lower --lr or check the data."
+            )
+        return {}
+
+    # ------------------------------------------------------------------ epochs
+
+    def fit(self, on_step: Callable[[Trainer], None] | None = None) -> None:
+        """Train to `--niter` epochs (or until a stop is requested; then save and return)."""
+        o = self.opts
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in previous:
+            signal.signal(s, self._on_signal)
+        try:
+            while self.epoch < o.niter:
+                finished = self._train_epoch(on_step)
+                if not finished:
+                    self._save("interrupted")
+                    return
+                self._end_epoch()
+                self.epoch, self.start_batch = self.epoch + 1, 0
+                self._save("epoch")
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+            if self.writer is not None:
+                self.writer.flush()
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_requested:  # a second Ctrl-C: the user insists
+            raise KeyboardInterrupt
+        log.warning("signal %d: finishing the current step, saving a checkpoint, then stopping", signum)
+        self.stop_requested = True
+
+    def _advance_warm_up(self) -> None:
+        if self.epoch < self.opts.warm_epoch:
+            self.warm_up = min(1.0, self.warm_up + 0.99 / self.warm_iterations)
+
+    def _train_epoch(self, on_step) -> bool:
+        self.encoder.train()
+        self.critic.train()
+        self.train_sampler.set_epoch(self.epoch, self.start_batch)
+        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch}/{self.opts.niter}", leave=False,
+                   disable=not self.dist.is_main, dynamic_ncols=True)
+        for i, batch in enumerate(bar, start=self.start_batch):
+            self._advance_warm_up()
+            stats = self._step(batch["images"], i)
+            self.start_batch, self.global_step = i + 1, self.global_step + 1
+            if stats and self.dist.is_main:
+                bar.set_postfix(D=f"{stats['D/total']:.3g}", E=f"{stats['E/total']:.3g}",
+                                data=f"{stats['E/data']:.3g}", iou=f"{stats['mask_iou']:.3f}")
+                if self.global_step % 10 == 0 or i == 0:
+                    for k, v in stats.items():
+                        self.writer.add_scalar(f"train/{k}", v, self.global_step)
+            if on_step is not None:
+                on_step(self)
+            if self.stop_requested:
+                return False
+        return True
+
+    def _end_epoch(self) -> None:
+        o, d, epoch = self.opts, self.d, self.epoch
+        if self.swa is not None and epoch >= d.swa_start and epoch % o.swa_interval == 0:
+            self.swa.update_parameters(self.encoder)
+        self.sched_e.step()
+        self.sched_d.step()
+        if self.dist.is_main:
+            self.writer.add_scalar("train/lr", self.opt_e.param_groups[0]["lr"], epoch)
+            if epoch % o.vis_every == 0 or epoch == o.niter - 1:
+                x, x_er, x_ir, ae = self._last_batch
+                save_epoch_visuals(self.run_dir, epoch, x, x_er, x_ir, ae, self.template)
+            if epoch % o.eval_every == 0 or epoch == o.niter - 1:
+                self._evaluate(epoch)
+        if o.em > 0 and epoch % o.em_gap == 0 and epoch < d.swa_start:
+            self._update_template()
+
+    def _evaluate(self, epoch: int) -> None:
+        metrics = evaluate(self.encoder, self.test_loader, self.template, self.d.height, self.d.width, self.device)
+        line = {"epoch": epoch, "step": self.global_step, **metrics}
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+        for k, v in metrics.items():
+            self.writer.add_scalar(f"test/{k}", v, epoch)
+        log.info("epoch %d: %s", epoch, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if metrics["mask_iou"] > self.best_iou:
+            self.best_iou = metrics["mask_iou"]
+            self._save("best")
+
+    @torch.no_grad()
+    def _update_template(self) -> None:
+        o = self.opts
+        was_training = self.encoder.training
+        self.encoder.eval()
+        total = torch.zeros_like(self.template.verts)
+        count = torch.zeros((), device=self.device)
+        self.clean_sampler.set_epoch(self.epoch)
+        for batch in self.clean_loader:
+            attrs = self.encoder(batch["images"].to(self.device), 0)
+            delta = attrs.delta_verts
+            if o.white:
+                delta = delta - delta.mean(dim=1, keepdim=True)
+            keep = ~bad_samples(delta)
+            total += delta[keep].sum(dim=0)
+            count += keep.sum()
+        all_reduce_sum(total, self.dist)
+        all_reduce_sum(count, self.dist)
+        result = step_template(self.template.verts, total, int(count), self.template.laplacian, em=o.em,
+                               step=self.em_step, warm_up=self.warm_up, smooth=o.smooth, clip=o.clip,
+                               white=o.white, reject_crossing=o.cross)
+        if result.accepted:
+            self._set_template(result.verts)
+            self.em_step *= 0.99
+            if o.update_bn:
+                self._recompute_bn(self.encoder)
+        log.info("template update at epoch %d: %d samples, %d z-crossings, %s", self.epoch, result.used,
+                 result.crossings, "applied" if result.accepted else "rejected")
+        self.encoder.train(was_training)
+
+    def _set_template(self, verts: torch.Tensor) -> None:
+        self.template = replace(self.template, verts=verts)
+        self.encoder.set_template(verts)
+        if self.swa is not None:
+            self.swa.module.set_template(verts)
+
+    def _recompute_bn(self, model: torch.nn.Module) -> None:
+        """Re-estimate BatchNorm running statistics over one pass of the training data (train mode)."""
+        was_training = model.training
+        model.train()
+        self.train_sampler.set_epoch(self.epoch)
+        images = (b["images"].to(self.device) for b in self.train_loader)
+        torch.optim.swa_utils.update_bn(images, _ImagesOnly(model))
+        model.train(was_training)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _state(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "next_batch": self.start_batch,
+            "global_step": self.global_step,
+            "encoder": self.encoder.state_dict(),
+            "critic": self.critic.state_dict(),
+            "opt_encoder": self.opt_e.state_dict(),
+            "opt_critic": self.opt_d.state_dict(),
+            "sched_encoder": self.sched_e.state_dict(),
+            "sched_critic": self.sched_d.state_dict(),
+            **({"swa_encoder": self.swa.module.state_dict(), "swa_state": self.swa.state_dict()}
+               if self.swa is not None else {}),
+            "template": self.template.verts.detach().cpu(),
+            "warm_up": self.warm_up,
+            "em_step": self.em_step,
+            "best_iou": self.best_iou,
+            "rng": rng_state(),
+        }
+
+    def _save(self, reason: str) -> None:
+        if not self.dist.is_main:
+            return
+        bad = [n for n, p in self.encoder.state_dict().items() if p.is_floating_point() and not p.isfinite().all()]
+        if bad:
+            raise NonFiniteLossError(f"refusing to save a checkpoint with non-finite weights ({bad[:3]}...)")
+        ckpts = self.run_dir / "ckpts"
+        name = "best" if reason == "best" else "latest"
+        save_checkpoint(self._state(), ckpts / f"{name}.pt")
+        # The learned template beside its checkpoint, readable by any mesh viewer.
+        t = self.template
+        save_obj(ckpts / f"{name}_template.obj", t.verts.cpu(), t.faces.cpu(), t.face_uvs.cpu())
+        if reason == "interrupted":
+            log.info("saved %s at epoch %d, batch %d: continue with --resume", ckpts / "latest.pt",
+                     self.epoch, self.start_batch)
+
+    def _load(self, path: Path) -> None:
+        ckpt = load_checkpoint(path, map_location=self.device)
+        self.encoder.load_state_dict(ckpt["encoder"])
+        self.critic.load_state_dict(ckpt["critic"])
+        self.opt_e.load_state_dict(ckpt["opt_encoder"])
+        self.opt_d.load_state_dict(ckpt["opt_critic"])
+        self.sched_e.load_state_dict(ckpt["sched_encoder"])
+        self.sched_d.load_state_dict(ckpt["sched_critic"])
+        if self.swa is not None and "swa_state" in ckpt:
+            self.swa.load_state_dict(ckpt["swa_state"])
+        self._set_template(ckpt["template"].to(self.device))
+        self.epoch, self.start_batch, self.global_step = ckpt["epoch"], ckpt["next_batch"], ckpt["global_step"]
+        self.warm_up, self.em_step, self.best_iou = ckpt["warm_up"], ckpt["em_step"], ckpt["best_iou"]
+        if self.start_batch >= self.train_sampler.num_batches:
+            raise RuntimeError(f"{path} points past the end of its epoch; the dataset changed since it was written")
+        set_rng_state(ckpt["rng"])
+        log.info("resumed from %s: epoch %d, batch %d", path, self.epoch, self.start_batch)
+
+
+def _split_scores(scores, batch: int):
+    """Split critic outputs of a concatenated batch back into its parts: a (N,1) score tensor
+    (WGAN critic) or a list of per-scale maps (multi-scale critic, giving one list per part)."""
+    if isinstance(scores, torch.Tensor):
+        return scores.split(batch)
+    return tuple(list(part) for part in zip(*(m.split(batch) for m in scores), strict=True))
+
+
+class _ImagesOnly(torch.nn.Module):
+    """Adapter so torch.optim.swa_utils.update_bn can drive the encoder with image batches."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, images):
+        return self.encoder(images, 0)
+
+
+def train(opts: argparse.Namespace, on_step: Callable[[Trainer], None] | None = None) -> Trainer:
+    """Run a whole training job (the entry point of the three training scripts)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    dist_info = init_distributed("cuda" if resolve_device(opts.device).type == "cuda" else "cpu")
+    try:
+        start = time.time()
+        trainer = Trainer(opts, dist_info)
+        trainer.fit(on_step)
+        if dist_info.is_main:
+            log.info("done in %.1f min: %s", (time.time() - start) / 60, trainer.run_dir)
+        return trainer
+    finally:
+        shutdown(dist_info)
