@@ -362,6 +362,7 @@ class Trainer:
         self.train_sampler.set_epoch(self.epoch, self.start_batch)
         bar = tqdm(self.train_loader, desc=f"epoch {self.epoch}/{self.opts.niter}", leave=False,
                    disable=not self.dist.is_main, dynamic_ncols=True)
+        start, first_batch = time.perf_counter(), self.start_batch
         for i, batch in enumerate(bar, start=self.start_batch):
             self._advance_warm_up()
             stats = self._step(batch["images"], i)
@@ -376,6 +377,14 @@ class Trainer:
                 on_step(self)
             if self.stop_requested:
                 return False
+        if self.dist.is_main:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds = time.perf_counter() - start
+            images = (self.start_batch - first_batch) * self.opts.batchSize * self.dist.world_size
+            self.writer.add_scalar("train/images_per_s", images / seconds, self.epoch)
+            log.info("epoch %d: %d images in %.1f s, %.1f images/s (all ranks)", self.epoch, images, seconds,
+                     images / seconds)
         return True
 
     def _end_epoch(self) -> None:
