@@ -8,9 +8,9 @@ maps agree bit for bit.
 
 Three kernels:
 
-* `_bin_kernel`, one program per (image, pixel tile): the faces whose box enlarged by ``box_len``
-  can touch the tile, compacted in index order. Every later loop runs over these short lists
-  instead of all F faces.
+* `_bin_kernel`, one program per (image, row of 8×16-pixel tiles): for each tile, the faces whose
+  box enlarged by ``box_len`` can touch it, compacted in index order. The forward loops over these
+  short lists instead of all F faces.
 * `_forward_kernel`, one program per (image, pixel tile): the hard pass (running best depth with
   the strict-greater rule, so ties keep the lowest face index), the interpolated features, then the
   soft silhouette of the uncovered pixels, keeping the first ``knum`` candidates in index order with
@@ -258,16 +258,16 @@ def _forward_kernel(
     tl.store(idx_ptr + pix, best_f.to(tl.int64), mask=pmask)
 
     # Features of the winning face, with its edge weights recomputed bit for bit.
-    face = b * F + tl.where(covered, best_f, 0)
-    x0, y0, x1, y1, x2, y2 = _load_corners(fvi_ptr, face, covered)
-    w0, w1, w2 = _edge_weights(px, py, x0, y0, x1, y1, x2, y2)
+    winner = b * F + tl.where(covered, best_f, 0)
+    ax, ay, bx, by, cx, cy = _load_corners(fvi_ptr, winner, covered)
+    wa, wb, wc = _edge_weights(px, py, ax, ay, bx, by, cx, cy)
     d = tl.arange(0, BLOCK_D)
     dmask = d[None, :] < D
-    corner = ff_ptr + face[:, None] * 3 * D + d[None, :]
+    corner = ff_ptr + winner[:, None] * 3 * D + d[None, :]
     fa = tl.load(corner, mask=covered[:, None] & dmask, other=0.0)
     fb = tl.load(corner + D, mask=covered[:, None] & dmask, other=0.0)
     fc = tl.load(corner + 2 * D, mask=covered[:, None] & dmask, other=0.0)
-    feat = tl.where(covered[:, None], w0[:, None] * fa + w1[:, None] * fb + w2[:, None] * fc, 0.0)
+    feat = tl.where(covered[:, None], wa[:, None] * fa + wb[:, None] * fb + wc[:, None] * fc, 0.0)
     tl.store(feat_ptr + pix[:, None] * D + d[None, :], feat, mask=pmask[:, None] & dmask)
 
     # Soft mask of the uncovered pixels: the first knum candidates in face-index order, counted
