@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from datasets import DEFAULT_ROOTS
 from datasets.atr import IMAGE_FOLDER, PARSING_FOLDER
 from datasets.prepare import (
     check_atr,
@@ -35,7 +36,7 @@ MANUAL = ("the processed ATR data ('humanparsing' with JPEGImages/ and Segmentat
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--root", type=Path, default=Path("data/ATR"),
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOTS["atr"],
                         help="dataset folder (receives JPEGImages/, SegmentationClassAug/, Seg/ and the lists)")
     parser.add_argument("--download", action="store_true", help="download the archive first (needs its id)")
     parser.add_argument("--drive_id", action="append", default=[], metavar="ARCHIVE=ID",

@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from datasets import DEFAULT_ROOTS
 from datasets.prepare import (
     check_cub,
     fetch_archives,
@@ -32,7 +33,7 @@ MANUAL = ("CUB_200_2011.tgz and segmentations.tgz from the Caltech CUB-200-2011 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--root", type=Path, default=Path("data/CUB_Data"), help="prepared dataset folder")
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOTS["cub"], help="prepared dataset folder")
     parser.add_argument("--raw", type=Path, default=Path("data/CUB_200_2011"),
                         help="unpacked CUB_200_2011 folder (images/, segmentations/, *.txt)")
     parser.add_argument("--archives", type=Path, default=Path("data"),

@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from datasets import DEFAULT_ROOTS
 from datasets.market import IMAGE_FOLDER, MASK_FOLDER, SPLIT_FOLDERS
 from datasets.prepare import (
     check_market,
@@ -34,7 +35,7 @@ MANUAL = ("the Market-HQ images ('pytorch' folder) and Market-Seg-HMR masks link
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--root", type=Path, default=Path("data/Market"),
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOTS["market"],
                         help="dataset folder (receives pytorch/ and seg_hmr/; archives go to <root>/downloads)")
     parser.add_argument("--download", action="store_true", help="download the archives first (needs ids)")
     parser.add_argument("--drive_id", action="append", default=[], metavar="ARCHIVE=ID",

@@ -2,8 +2,8 @@
 
 Builds trees in the real layouts in a temporary folder (fixture trees with noisy, photo-sized images
 for CUB, Market and ATR, so decoding costs what it costs on real data; a generated synthetic cache),
-then times ``DataLoader(shuffle, drop_last, persistent workers)`` over full batches after one warm-up
-batch. Prints a table; not a test.
+then times ``DataLoader(shuffle, drop_last, persistent workers, prefetch 3)`` over full batches, after
+draining the batches the workers prefetched at start (steady state). Prints a table; not a test.
 
     python bench/data.py                      # 4 workers (the training default), batch 48
     python bench/data.py --workers 0 8 --batches 30
@@ -25,6 +25,8 @@ from torch.utils.data import DataLoader
 from datasets import build_dataset
 from datasets.fixtures import write_atr_tree, write_cub_tree, write_market_tree
 from datasets.synthetic import ensure_synthetic
+
+PREFETCH = 3  # batches each worker prepares ahead, as in the training scripts
 
 # name: (image size W, ratio, source image size (w, h) of the fixture files)
 SETTINGS = {
@@ -65,14 +67,16 @@ def make_tree(name: str, root: Path, count: int) -> Path:
 
 def images_per_second(dataset, batch: int, workers: int, batches: int) -> float:
     loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
-                        persistent_workers=workers > 0, prefetch_factor=3 if workers > 0 else None)
+                        persistent_workers=workers > 0, prefetch_factor=PREFETCH if workers > 0 else None)
 
     def endless():
         while True:
             yield from loader
 
     stream = endless()
-    next(stream)  # start the workers
+    # Start the workers and drain the batches they prefetch, so the timing sees the steady state.
+    for _ in range(1 + workers * PREFETCH):
+        next(stream)
     start = time.perf_counter()
     for _ in range(batches):
         next(stream)
