@@ -10,8 +10,9 @@ Generation (`ensure_synthetic`), deterministic from the seed on a given device (
 * shapes: ``num_classes`` families; family k has three pairs of Gaussian radial bumps, each pair
   mirrored through z = 0 (centres ``c`` and ``c * (1, 1, -1)``), and per-axis scales; every image
   jitters its family's amplitudes and scales. Vertices are ``T * scale * exp(sum_j a_j b_j(n))`` with
-  ``n`` the template direction, centred in x and y and shrunk to the template's extent (|x|, |y| <= 0.9),
-  so the mesh is exactly z-symmetric (``verts[flip_index] == verts * (1, 1, -1)``) and smooth;
+  ``n`` the template direction, centred in x and y, shrunk to the template's extent (|x|, |y| <= 0.9)
+  and kept within 0.45 of the template per coordinate (reachable by the model's 0.5·tanh offsets); the
+  mesh is exactly z-symmetric (``verts[flip_index] == verts * (1, 1, -1)``) and smooth;
 * textures: (3, 2H, W) like the model's, the upper half a smooth blend of two random colours, the
   lower half its vertical mirror (so front and back read the same texels, as in the model);
 * light: ``L0 = 3 + U(-0.25, 0.25)``, ``L1..L8 = U(-0.1, 0.1)`` (inside the light encoder's range);
@@ -71,6 +72,8 @@ NEAR = 0.1
 """Every vertex of an accepted camera is at least this far in front of it."""
 MAX_CAMERA_ROUNDS = 1000
 NUM_BUMPS = 3
+MAX_OFFSET = 0.45
+"""Largest per-coordinate vertex offset from the template (the shape encoder reaches 0.5 tanh)."""
 HINT = "generate it with datasets.synthetic.ensure_synthetic (`python train.py --dataset synthetic` does)"
 
 
@@ -163,7 +166,8 @@ def random_shapes(template_verts: Tensor, families: ShapeFamilies, labels: Tenso
         families: the shape families; ``labels`` (N,) int64 index them.
         generator: source of the per-image jitter (amplitude +-0.1, scale +-0.05).
     Returns:
-        (N, V, 3) float32 vertices, |x|, |y| <= 0.9, centred in x and y.
+        (N, V, 3) float32 vertices: centred in x and y, |x|, |y| <= 0.9, and within `MAX_OFFSET` of the
+        template per coordinate (the offset field is scaled down uniformly where needed).
     """
     n = len(labels)
     directions = template_verts / template_verts.norm(dim=-1, keepdim=True)  # (V, 3)
@@ -183,7 +187,9 @@ def random_shapes(template_verts: Tensor, families: ShapeFamilies, labels: Tenso
     xy = verts[..., :2] - verts[..., :2].mean(dim=1, keepdim=True)
     verts = torch.cat([xy, verts[..., 2:]], dim=-1)
     extent = verts[..., :2].abs().amax(dim=(1, 2)).clamp(min=0.9)
-    return verts * (0.9 / extent)[:, None, None]
+    offsets = verts * (0.9 / extent)[:, None, None] - template_verts
+    largest = offsets.abs().amax(dim=(1, 2)).clamp(min=MAX_OFFSET)
+    return template_verts + offsets * (MAX_OFFSET / largest)[:, None, None]
 
 
 def random_textures(n: int, height: int, width: int, generator: torch.Generator) -> Tensor:

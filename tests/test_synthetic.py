@@ -85,7 +85,7 @@ def test_items_carry_consistent_ground_truth(tiny_root):
         verts = item["verts"]
         # Front/back symmetric: mirroring through z = 0 maps the mesh onto itself.
         assert torch.equal(verts[template.flip_index], verts * torch.tensor([1.0, 1.0, -1.0]))
-        assert (verts - template.verts).abs().max() < 0.5  # reachable by the model's offsets (0.5 tanh)
+        assert (verts - template.verts).abs().max() <= 0.45 + 1e-6  # reachable by the offsets (0.5 tanh)
         assert -180 < item["azimuth_deg"] <= 180 and 0 <= item["elevation_deg"] <= 30
         assert 2 <= item["distance"] <= 7 and item["offset"].abs().max() <= 0.3
         assert 2.75 <= item["light"][0] <= 3.25 and item["light"][1:].abs().max() <= 0.1
