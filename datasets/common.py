@@ -187,7 +187,7 @@ def scan_class_tree(
         class_image_dir = image_dir / class_entry.name
         mask_names = sorted(os.listdir(class_mask_dir))
         image_names = set(os.listdir(class_image_dir)) if class_image_dir.is_dir() else set()
-        masks = {name: split_mask_name(name) for name in mask_names if split_mask_name(name) is not None}
+        masks = {name: parsed for name in mask_names if (parsed := split_mask_name(name)) is not None}
         paired = set()
         for name, (stem, ratio) in masks.items():
             rgb_name = stem + image_ext
