@@ -10,7 +10,7 @@ from utils.options import parse_options
 from utils.trainer import train
 
 ATR_DEFAULTS = dict(
-    name="ATR2_baseline", dataset="atr", dataroot="../ATR/humanparsing/Seg", imageSize=64, ratio=2.0,
+    name="ATR2_baseline", dataset="atr", dataroot="./data/ATR", imageSize=64, ratio=2.0,
     ellipsoid=2.0, niter=500, em=1.0, elev_range="-15~15", dist_range="2~8", bias_range=0.5,
     threshold="0.09,0.49", clean_threshold="0.16,0.36",
 )

@@ -10,7 +10,7 @@ from utils.options import parse_options
 from utils.trainer import train
 
 MARKET_DEFAULTS = dict(
-    name="baseline-MKT", dataset="market", dataroot="../Market/hq/seg_hmr", imageSize=128, ratio=2.0,
+    name="baseline-MKT", dataset="market", dataroot="./data/Market", imageSize=128, ratio=2.0,
     ellipsoid=2.0, niter=600, em=0.0, elev_range="-15~15", dist_range="2~6", bias_range=0.5,
     threshold="0.09,0.64", clean_threshold="0.3,0.64",
 )

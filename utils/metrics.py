@@ -1,11 +1,15 @@
-"""Evaluation metrics: mask IoU, SSIM, 3-D accuracy on synthetic data, parameters and FLOPs.
+"""Evaluation metrics: mask IoU, SSIM, FID, 3-D accuracy on synthetic data, parameters and FLOPs.
 
-Conventions (data-eval-vis.md §3.1, with the deliberate differences listed in the README):
+Conventions (data-eval-vis.md §3.1-§3.3, with the deliberate differences listed in the README):
 - mask IoU: soft IoU of the rendered DIB-R silhouette against the ground-truth mask, per image,
   averaged (Kaolin's `1 - mask_iou`); computed on tensors, not on JPEG round trips unless asked.
 - SSIM: `pytorch_msssim.ssim` (data_range 1, 11x11 Gaussian window) between the whitened input and
-  the render on white, per image, averaged; optionally after a 2x bicubic upscale (the original
+  the render on white, per image, averaged; optionally also after a 2x bicubic upscale (the original
   test.py does that for CUB).
+- FID: pool3 features (2048-d) of the TF-FID Inception-v3 (pytorch-fid's weights, read from a local
+  file), Frechet distance of their Gaussians. Three of them: the reconstructions, renders at random
+  azimuths (2 per image: a and a + 90) and at the predicted azimuth +-90 (2 per image), each
+  against the whitened inputs.
 - 3-D (synthetic data, which has ground truth): Chamfer distance between the predicted and the
   ground-truth mesh vertices, both centred at the origin (the object frame the renderer uses; the
   squared-distance, mean-both-ways convention of the training loss), and camera errors.
@@ -15,16 +19,35 @@ Conventions (data-eval-vis.md §3.1, with the deliberate differences listed in t
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from pytorch_msssim import ssim as _ssim
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models.inception import (
+    BasicConv2d,
+    Inception3,
+    InceptionA,
+    InceptionAux,
+    InceptionB,
+    InceptionC,
+    InceptionD,
+    InceptionE,
+)
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
 from networks.losses import chamfer_distance
 from renderer.shading import mask_iou
+
+FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
+"""The pytorch-fid release file `--inception` expects (torchvision Inception-v3 layout, 1008 classes)."""
+FID_SETS = ("recon", "rotation", "rotation90")
+"""The rendered image sets compared with the inputs (result keys `fid_<set>`)."""
 
 
 def whiten(images: torch.Tensor) -> torch.Tensor:
@@ -34,11 +57,14 @@ def whiten(images: torch.Tensor) -> torch.Tensor:
 
 
 def ssim(pred: torch.Tensor, target: torch.Tensor, upscale: int = 1) -> torch.Tensor:
-    """Per-image SSIM of (B,3,H,W) images in [0,1] -> (B,); `upscale` > 1 resizes bicubically first."""
+    """Per-image SSIM of (B,3,H,W) images in [0,1] -> (B,); `upscale` > 1 resizes bicubically first.
+
+    The upscale uses the antialiased bicubic kernel (a = -0.5), Pillow's, which the original used.
+    """
     if upscale > 1:
         size = (pred.shape[-2] * upscale, pred.shape[-1] * upscale)
-        pred = F.interpolate(pred, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
-        target = F.interpolate(target, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+        pred, target = (F.interpolate(v, size=size, mode="bicubic", antialias=True).clamp(0, 1)
+                        for v in (pred, target))
     return _ssim(pred, target, data_range=1.0, size_average=False)
 
 
@@ -72,6 +98,9 @@ def centred(verts: torch.Tensor) -> torch.Tensor:
     return verts - verts.mean(dim=-2, keepdim=True)
 
 
+# ----------------------------------------------------------------------------- parameters and FLOPs
+
+
 @torch.no_grad()
 def count_flops(module: torch.nn.Module, *inputs) -> int:
     """FLOPs of one forward pass (multiply-add = 2 FLOPs), counted by PyTorch's FlopCounterMode."""
@@ -86,34 +115,220 @@ def count_parameters(module: torch.nn.Module) -> int:
 
 
 @torch.no_grad()
+def encoder_complexity(encoder, height: int, width: int) -> dict[str, dict[str, int]]:
+    """Parameters and forward FLOPs of an `AttributeEncoder` on one 1x4xHxW image.
+
+    Returns {part: {"params": int, "flops": int}} for the camera, shape, texture and light encoders,
+    the background encoder when the model has one, and "total" (the whole encoder). FLOPs follow
+    `count_flops` (multiply-add = 2); the encoder is evaluated in eval mode, then restored.
+    """
+    was_training = encoder.training
+    encoder.eval()
+    x = torch.rand(1, 4, height, width, device=encoder.template.device)
+    parts = {
+        "camera": (encoder.camera_encoder, (x, encoder.template)),
+        "shape": (encoder.shape_encoder, (x, encoder.template, encoder.laplacian)),
+        "texture": (encoder.texture_encoder, (x,)),
+        "light": (encoder.light_encoder, (x,)),
+        "background": (encoder.background_encoder, (x,)),
+    }
+    result = {name: {"params": count_parameters(module), "flops": count_flops(module, *args)}
+              for name, (module, args) in parts.items() if module is not None}
+    result["total"] = {"params": count_parameters(encoder), "flops": count_flops(encoder, x)}
+    encoder.train(was_training)
+    return result
+
+
+# ----------------------------------------------------------------------------- FID
+
+
+def _avg_pool_without_padding(x: torch.Tensor) -> torch.Tensor:
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+def _max_pool(x: torch.Tensor) -> torch.Tensor:
+    return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+
+
+class _TFPoolBranch:
+    """Mixin for torchvision's Inception blocks, whose last branch pools the block input: recompute
+    that branch with `pool`, the pooling of the TensorFlow graph the FID weights come from (border
+    averages over the valid pixels only; max pooling in the last block)."""
+
+    pool = staticmethod(_avg_pool_without_padding)
+
+    def _forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outputs = super()._forward(x)
+        outputs[-1] = self.branch_pool(self.pool(x))
+        return outputs
+
+
+class _FIDInceptionA(_TFPoolBranch, InceptionA):
+    pass
+
+
+class _FIDInceptionC(_TFPoolBranch, InceptionC):
+    pass
+
+
+class _FIDInceptionE(_TFPoolBranch, InceptionE):
+    pass
+
+
+class _FIDInceptionEMaxPool(_TFPoolBranch, InceptionE):
+    pool = staticmethod(_max_pool)
+
+
+class FIDInception(Inception3):
+    """Inception-v3 as FID defines it (pytorch-fid's `FIDInceptionA/C/E` variant of torchvision's
+    network, 1008 classes, no auxiliary head); `forward` returns the 2048-d pool3 features.
+
+    Build it with random weights here; `load_fid_inception` reads the real ones.
+    """
+
+    FEATURE_LAYERS = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1",
+                      "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b",
+                      "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "avgpool")
+
+    def __init__(self):
+        blocks = [BasicConv2d, _FIDInceptionA, InceptionB, _FIDInceptionC, InceptionD, _FIDInceptionE,
+                  InceptionAux]
+        super().__init__(num_classes=1008, aux_logits=False, inception_blocks=blocks, init_weights=False)
+        self.Mixed_7c = _FIDInceptionEMaxPool(2048)
+        self.eval()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B,3,H,W) RGB in [0,1], any size -> (B,2048) features (input resized bilinearly to 299x299)."""
+        x = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False)
+        x = 2 * x - 1
+        for name in self.FEATURE_LAYERS:
+            x = getattr(self, name)(x)
+        return x.flatten(1)
+
+
+def load_fid_inception(path: str | Path, device: torch.device | str = "cpu") -> FIDInception:
+    """The FID Inception with pytorch-fid's weights from a local file (never downloaded here).
+
+    Raises FileNotFoundError for a missing file and ValueError for a file with other weights.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--inception {path} not found: give the local path of pytorch-fid's "
+                                f"{FID_WEIGHTS_NAME}, or leave --inception out to skip FID")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model = FIDInception()
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise ValueError(f"{path} does not hold pytorch-fid's Inception weights ({FID_WEIGHTS_NAME}): "
+                         f"{str(err)[:300]}") from None
+    return model.to(device).eval()
+
+
+def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, D) features -> mean (D,) and covariance (D, D) (unbiased, rows are samples), float64."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"FID needs (N, D) features with N >= 2, got shape {features.shape}")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+    """Frechet distance `|mu1 - mu2|^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2))` between two Gaussians.
+
+    As pytorch-fid: if the product is singular, `eps * I` is added to both covariances; a complex
+    square root is accepted when its diagonal's imaginary part is below 1e-3 (then its real part is
+    used). Needs scipy (`scipy.linalg.sqrtm`).
+    """
+    try:
+        from scipy import linalg
+    except ImportError:
+        raise RuntimeError("FID needs scipy for the matrix square root: pip install scipy") from None
+    diff = np.asarray(mu1, dtype=np.float64) - np.asarray(mu2, dtype=np.float64)
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        largest = np.abs(np.diagonal(covmean).imag).max()
+        if largest > 1e-3:
+            raise ValueError(f"FID: the covariance square root has an imaginary part {largest:.3g}; "
+                             "use more images")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def fid_from_features(real: np.ndarray, fake: np.ndarray) -> float:
+    """FID between two (N, D) feature sets."""
+    return frechet_distance(*feature_statistics(real), *feature_statistics(fake))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _fid_views(attrs, template, height: int, width: int, azi_scope: float,
+               generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The novel views the rotation FIDs use (RGB on white): a uniformly random azimuth and that + 90
+    (`rotation`), the predicted azimuth +90 and -90 (`rotation90`); 2B images each."""
+    from utils.model import render_attributes
+
+    batch, device = attrs.batch_size, attrs.azimuth_deg.device
+    random_az = -(torch.rand(batch, generator=generator) * azi_scope - azi_scope / 2).to(device)
+    azimuths = {"rotation": (random_az, random_az + 90),
+                "rotation90": (attrs.azimuth_deg + 90, attrs.azimuth_deg - 90)}
+    return {name: torch.cat([render_attributes(replace(attrs, azimuth_deg=az), template, height, width).rgb
+                             for az in pair])
+            for name, pair in azimuths.items()}
+
+
+@torch.no_grad()
 def evaluate(encoder, loader, template, height: int, width: int, device, *, ssim_upscale: int = 1,
-             jpeg: bool = False, progress: bool = False) -> dict[str, float]:
+             jpeg: bool = False, progress: bool = False, inception: FIDInception | None = None,
+             azi_scope: float = 360.0, seed: int = 0,
+             on_batch: Callable | None = None) -> dict[str, float]:
     """Reconstruct every test image and average the metrics (encoder put in eval mode, then restored).
 
-    Returns a dict with `mask_iou` and `ssim`, plus for data with ground truth (items holding `verts`
-    and camera) `chamfer`, `chamfer_template` (the untrained template's Chamfer, for scale),
-    `azimuth_err_deg`, `azimuth_err_mirror_deg`, `elevation_err_deg` and `distance_err`.
+    Args:
+        encoder, template: the model; loader: test items (see `datasets`); height, width: image size.
+        ssim_upscale: also report `ssim_x<k>`, the SSIM after a k-times bicubic upscale (k > 1).
+        jpeg: measure on quality-100 JPEG round trips of the images and masks (the original's files).
+        inception: compute `fid_recon`, `fid_rotation`, `fid_rotation90` with this network.
+        azi_scope, seed: range in degrees and seed of the random azimuths of `fid_rotation`.
+        on_batch: called as `on_batch(batch, attrs, recon)` per batch (recon: `RenderOutput`).
+
+    Returns a dict with `mask_iou` and `ssim` (+ `ssim_x<k>`, FIDs as asked), plus for data with
+    ground truth (items holding `verts` and camera) `chamfer`, `chamfer_template` (the untrained
+    template's Chamfer, for scale), `azimuth_err_deg`, `azimuth_err_mirror_deg`, `elevation_err_deg`,
+    `distance_err` and `offset_err` (Euclidean, of the look-at point).
     """
     from tqdm import tqdm
 
     from utils.model import render_attributes
 
+    def prepare(images: torch.Tensor) -> torch.Tensor:
+        return jpeg_round_trip(images) if jpeg else images
+
     was_training = encoder.training
     encoder.eval()
     sums: dict[str, float] = {}
+    features: dict[str, list[np.ndarray]] = {name: [] for name in ("real", *FID_SETS)}
+    generator = torch.Generator().manual_seed(seed)
     count = 0
     for batch in tqdm(loader, desc="evaluate", leave=False, disable=not progress):
         x = batch["images"].to(device)
         attrs = encoder(x, 0)
         out = render_attributes(attrs, template, height, width)
-        pred_rgb, pred_mask, gt_rgb, gt_mask = out.rgb, out.silhouette, whiten(x), x[:, 3:]
-        if jpeg:
-            pred_rgb, gt_rgb = jpeg_round_trip(pred_rgb), jpeg_round_trip(gt_rgb)
-            pred_mask, gt_mask = jpeg_round_trip(pred_mask), jpeg_round_trip(gt_mask)
+        if on_batch is not None:
+            on_batch(batch, attrs, out)
+        pred_rgb, pred_mask = prepare(out.rgb), prepare(out.silhouette)
+        gt_rgb, gt_mask = prepare(whiten(x)), prepare(x[:, 3:])
         per_image = {
             "mask_iou": mask_iou(pred_mask[:, 0], gt_mask[:, 0]),
-            "ssim": ssim(pred_rgb, gt_rgb, upscale=ssim_upscale),
+            "ssim": ssim(pred_rgb, gt_rgb),
         }
+        if ssim_upscale > 1:
+            per_image[f"ssim_x{ssim_upscale}"] = ssim(pred_rgb, gt_rgb, upscale=ssim_upscale)
         if "verts" in batch:
             gt_verts = centred(batch["verts"].to(device).float())
             pred_verts = centred(attrs.verts)
@@ -125,10 +340,22 @@ def evaluate(encoder, loader, template, height: int, width: int, device, *, ssim
             per_image["azimuth_err_mirror_deg"] = azimuth_error(attrs.azimuth_deg, az_true, mirror=True)
             per_image["elevation_err_deg"] = (attrs.elevation_deg - batch["elevation_deg"].to(device)).abs()
             per_image["distance_err"] = (attrs.distance - batch["distance"].to(device)).abs()
+            per_image["offset_err"] = (attrs.offset - batch["offset"].to(device)).norm(dim=1)
+        if inception is not None:
+            views = {"real": gt_rgb, "recon": pred_rgb}
+            views.update((name, prepare(images)) for name, images in
+                         _fid_views(attrs, template, height, width, azi_scope, generator).items())
+            for name, images in views.items():
+                features[name].append(inception(images).double().cpu().numpy())
         for k, v in per_image.items():
             sums[k] = sums.get(k, 0.0) + float(v.sum())
         count += x.shape[0]
     encoder.train(was_training)
     if count == 0:
         raise ValueError("the evaluation split is empty: nothing to evaluate")
-    return {k: v / count for k, v in sums.items()}
+    result = {k: v / count for k, v in sums.items()}
+    if inception is not None:
+        real = np.concatenate(features["real"])
+        for name in FID_SETS:
+            result[f"fid_{name}"] = fid_from_features(real, np.concatenate(features[name]))
+    return result

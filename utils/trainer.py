@@ -141,8 +141,11 @@ class Trainer:
 
     def _dataset(self, split: str, threshold, aug: bool):
         o = self.opts
+        original = {"original_crop": True} if o.original_crop else {}
+        if o.filter_test:
+            original["filter_test"] = True
         return build_dataset(o.dataset, root=o.dataroot, split=split, image_size=o.imageSize, ratio=o.ratio,
-                             threshold=threshold, aug=aug, bg=o.bg)
+                             threshold=threshold, aug=aug, bg=o.bg, **original)
 
     def _loader(self, dataset, sampler=None, shuffle=False, batch_size=None):
         o = self.opts
@@ -171,7 +174,7 @@ class Trainer:
         self.train_sampler = EpochSampler(len(train), o.batchSize, o.manualSeed, shuffle=True,
                                           rank=self.dist.rank, world_size=self.dist.world_size)
         self.train_loader = self._loader(train, sampler=self.train_sampler)
-        clean = self._dataset("train", d.clean_threshold, aug=o.dataset == "atr")  # ATR2 averages augmented
+        clean = self._dataset("train", d.clean_threshold, aug=False)
         self.clean_sampler = EpochSampler(len(clean), o.batchSize, o.manualSeed, shuffle=False,
                                           rank=self.dist.rank, world_size=self.dist.world_size)
         self.clean_loader = self._loader(clean, sampler=self.clean_sampler)
