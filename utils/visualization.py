@@ -55,7 +55,8 @@ def grid_columns(height: int, width: int) -> int:
 
 
 @torch.no_grad()
-def sweep_frames(attrs, template, height: int, width: int, changes: Sequence[dict], nrow: int) -> list[np.ndarray]:
+def sweep_frames(attrs, template, height: int, width: int, changes: Sequence[dict],
+                 nrow: int) -> list[np.ndarray]:
     """Render one grid frame per entry of `changes` (field -> (B,...) tensor replacing that camera field)."""
     from utils.model import render_attributes
 
@@ -78,8 +79,9 @@ def azimuth_sweep(attrs, azi_scope: float = 360.0) -> list[dict]:
 
 
 def elevation_sweep(attrs, elev_range: tuple[float, float]) -> list[dict]:
-    """Elevation set to lo, lo + 5, ... < hi degrees (6 frames for 0~30), the trained range; a
-    one-value range gives its single elevation."""
+    """Elevation set to lo, lo + 5, ... < hi degrees (6 frames for 0~30), inside the trained range
+    (the original negated them, which shows CUB birds from below); a one-value range gives its
+    single elevation."""
     lo, hi = elev_range
     return [{"elevation_deg": _full(attrs, e)} for e in np.arange(lo, max(hi, lo + 1), ELEVATION_STEP_DEG)]
 
@@ -138,8 +140,8 @@ def rainbow_frames(inputs: torch.Tensor, attrs, template, height: int, width: in
 
 
 def save_meshes(out_dir: Path, attrs, template, names: Sequence[str]) -> list[Path]:
-    """Write each sample's mesh as `<out_dir>/<name>.obj` with its texture (`.png`, `.mtl`), and the
-    template as `<out_dir>/template.obj`. Returns the mesh paths."""
+    """Write each sample's mesh (template + its offsets) as `<out_dir>/<name>.obj`, with its texture
+    as `<name>.png` and `<name>.mtl`. Returns the .obj paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if len(names) != attrs.batch_size:
@@ -149,7 +151,6 @@ def save_meshes(out_dir: Path, attrs, template, names: Sequence[str]) -> list[Pa
     for verts, texture, name in zip(attrs.verts, attrs.texture, names, strict=True):
         paths.append(out_dir / f"{name}.obj")
         save_obj(paths[-1], verts.cpu(), faces, face_uvs, texture_image=texture.clamp(0, 1).cpu())
-    save_obj(out_dir / "template.obj", template.verts.cpu(), faces, face_uvs)
     return paths
 
 
@@ -167,6 +168,8 @@ def save_epoch_visuals(run_dir: Path, epoch: int, inputs, recon, novel, attrs, t
         save_image(grid(images, nrow), out_dir / f"{tag}_{name}.png")
     save_obj(out_dir / f"{tag}_mesh_recon.obj", attrs.verts[0].cpu(), template.faces.cpu(),
              template.face_uvs.cpu(), texture_image=attrs.texture[0].clamp(0, 1).cpu())
-    save_obj(out_dir / f"{tag}_template.obj", template.verts.cpu(), template.faces.cpu(), template.face_uvs.cpu())
+    save_obj(out_dir / f"{tag}_template.obj", template.verts.cpu(), template.faces.cpu(),
+             template.face_uvs.cpu())
     sub = attrs.detach().index(torch.arange(min(16, inputs.shape[0]), device=inputs.device))
-    write_gif(out_dir / f"{tag}_rotation.gif", sweep_frames(sub, template, height, width, azimuth_sweep(sub), nrow))
+    frames = sweep_frames(sub, template, height, width, azimuth_sweep(sub), nrow)
+    write_gif(out_dir / f"{tag}_rotation.gif", frames)
