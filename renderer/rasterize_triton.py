@@ -47,13 +47,15 @@ _DIST_EPS_C = tl.constexpr(_DIST_EPS)
 _FAR_SQ = tl.constexpr(_FAR_SQ_NDC * MULTIPLIER * MULTIPLIER)
 _NO_CUTOFF = tl.constexpr(2**31 - 1)  # fewer than knum candidates: every one is accepted
 
-# Launch shapes: forward pixel tiles of 8 x 16, faces in blocks; backward pixels per step.
+# Launch shapes: forward pixel tiles of 8 x 16 and faces in blocks; backward blocks of faces x
+# pixels of their rectangles per step.
 _TILE_H = 8
 _TILE_W = 16
 _BIN_BLOCK_F = 64
-_FWD_BLOCK_F = 16
+_FWD_BLOCK_F = 8
 _FWD_WARPS = 4
-_BWD_BLOCK_P = 64
+_BWD_BLOCK_FB = 4
+_BWD_BLOCK_P = 32
 _BWD_WARPS = 4
 
 
@@ -115,30 +117,39 @@ def _edge_weights(px, py, x0, y0, x1, y1, x2, y2):
 
 
 @triton.jit
-def _edge_distance(px, py, ax, ay, bx, by):
-    # Squared distance (scaled units) from p to the line a→b, or the far value when the foot of the
-    # perpendicular falls outside the closed segment.
-    ex = bx - ax
-    ey = by - ay
-    length2 = ex * ex + ey * ey
-    down = length2 + _DIST_EPS_C
-    up = (px - ax) * ey - (py - ay) * ex
-    foot_x = _div(length2 * px - up * ey, down)
-    foot_y = _div(length2 * py + up * ex, down)
-    on_segment = (foot_x - ax) * (foot_x - bx) + (foot_y - ay) * (foot_y - by) <= 0
-    return tl.where(on_segment, _div(up * up, down), _FAR_SQ)
+def _inverse_lengths(x0, y0, x1, y1, x2, y2):
+    # 1 / (squared length + tiny) of edges 0→1, 1→2, 2→0, once per face instead of per pixel.
+    return (1.0 / ((x1 - x0) * (x1 - x0) + (y1 - y0) * (y1 - y0) + _DIST_EPS_C),
+            1.0 / ((x2 - x1) * (x2 - x1) + (y2 - y1) * (y2 - y1) + _DIST_EPS_C),
+            1.0 / ((x0 - x2) * (x0 - x2) + (y0 - y2) * (y0 - y2) + _DIST_EPS_C))
 
 
 @triton.jit
-def _boundary_distance(px, py, x0, y0, x1, y1, x2, y2):
+def _edge_distance(px, py, ax, ay, bx, by, inv_down):
+    # Squared distance (scaled units) from p to the line a→b, or the far value when the foot of the
+    # perpendicular falls outside the closed segment. The soft mask only needs it to ~1e-7
+    # relative, so it multiplies by the face's reciprocal instead of dividing per pixel.
+    ex = bx - ax
+    ey = by - ay
+    length2 = ex * ex + ey * ey
+    up = (px - ax) * ey - (py - ay) * ex
+    foot_x = (length2 * px - up * ey) * inv_down
+    foot_y = (length2 * py + up * ex) * inv_down
+    on_segment = (foot_x - ax) * (foot_x - bx) + (foot_y - ay) * (foot_y - by) <= 0
+    return tl.where(on_segment, up * up * inv_down, _FAR_SQ)
+
+
+@triton.jit
+def _boundary_distance(px, py, x0, y0, x1, y1, x2, y2, inv0, inv1, inv2):
     # Squared distance from p to the triangle's boundary: the first minimum over edges 0→1, 1→2,
-    # 2→0, then corners 0, 1, 2; kind is the index of that feature in this order.
-    d2 = _edge_distance(px, py, x0, y0, x1, y1)
+    # 2→0, then corners 0, 1, 2; kind is the index of that feature in this order. inv0..2 come
+    # from _inverse_lengths.
+    d2 = _edge_distance(px, py, x0, y0, x1, y1, inv0)
     kind = tl.zeros(d2.shape, tl.int32)
-    e = _edge_distance(px, py, x1, y1, x2, y2)
+    e = _edge_distance(px, py, x1, y1, x2, y2, inv1)
     kind = tl.where(e < d2, 1, kind)
     d2 = tl.minimum(e, d2)
-    e = _edge_distance(px, py, x2, y2, x0, y0)
+    e = _edge_distance(px, py, x2, y2, x0, y0, inv2)
     kind = tl.where(e < d2, 2, kind)
     d2 = tl.minimum(e, d2)
     e = (px - x0) * (px - x0) + (py - y0) * (py - y0)
@@ -151,12 +162,6 @@ def _boundary_distance(px, py, x0, y0, x1, y1, x2, y2):
     kind = tl.where(e < d2, 5, kind)
     d2 = tl.minimum(e, d2)
     return d2, kind
-
-
-@triton.jit
-def _probability(d2, sigma_inv):
-    # P = exp(−σ⁻¹ d²), d² converted from scaled units to NDC² in the reference's order.
-    return tl.exp(-_div(_div(sigma_inv * d2, _M), _M))
 
 
 @triton.jit
@@ -273,7 +278,7 @@ def _forward_kernel(
     # Soft mask of the uncovered pixels: the first knum candidates in face-index order, counted
     # with a running prefix sum; the loop ends once every uncovered pixel has knum of them.
     margin = tl.load(margin_ptr)
-    sigma_inv = tl.load(sigma_ptr)
+    neg_sigma = tl.load(sigma_ptr)  # −σ⁻¹ per squared scaled unit: P = exp(d² · neg_sigma)
     uncovered = pmask & (best_f < 0)
     seen = tl.zeros([TILE_H * TILE_W], tl.int32)
     outside = tl.full([TILE_H * TILE_W], 1.0, dtype)
@@ -288,9 +293,10 @@ def _forward_kernel(
         hit = (uncovered[:, None] & kmask[None, :] & (xlo[None, :] <= px2) & (px2 < xhi[None, :])
                & (ylo[None, :] <= py2) & (py2 < yhi[None, :]))
         rank = seen[:, None] + tl.cumsum(hit.to(tl.int32), 1)
+        inv0, inv1, inv2 = _inverse_lengths(x0, y0, x1, y1, x2, y2)
         d2, _ = _boundary_distance(px2, py2, x0[None, :], y0[None, :], x1[None, :], y1[None, :],
-                                   x2[None, :], y2[None, :])
-        prob = _probability(d2, sigma_inv)
+                                   x2[None, :], y2[None, :], inv0[None, :], inv1[None, :], inv2[None, :])
+        prob = tl.exp(d2 * neg_sigma)
         outside *= tl.reduce(tl.where(hit & (rank <= knum), 1.0 - prob, 1.0), 1, _mul)
         cutoff = tl.minimum(cutoff, tl.min(tl.where(hit & (rank == knum), f[None, :], _NO_CUTOFF), 1))
         seen += tl.sum(hit.to(tl.int32), 1)
@@ -308,74 +314,83 @@ def _select(index, v0, v1, v2):
 def _backward_kernel(
     fvi_ptr, fvz_ptr, ff_ptr, idx_ptr, cutoff_ptr, soft_ptr, gfeat_ptr, gsoft_ptr, margin_ptr,
     sigma_ptr, gfvi_ptr, gff_ptr,
-    F, H, W, D, cx_scale, cy_scale,
-    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    F, H, W, D, blocks_per_image, cx_scale, cy_scale,
+    BLOCK_FB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # One program per (image, block of faces): lanes are (face, pixel of that face's rectangle).
     pid = tl.program_id(0)
-    b = pid // F
-    f = pid % F
+    b = pid // blocks_per_image
+    f = (pid % blocks_per_image) * BLOCK_FB + tl.arange(0, BLOCK_FB)
+    fmask = f < F
+    face = b * F + f
     dtype = fvi_ptr.dtype.element_ty
-    x0, y0, x1, y1, x2, y2 = _load_corners(fvi_ptr, pid, True)
+    x0, y0, x1, y1, x2, y2 = _load_corners(fvi_ptr, face, fmask)
     margin = tl.load(margin_ptr)
-    sigma_inv = tl.load(sigma_ptr)
+    neg_sigma = tl.load(sigma_ptr)
     xlo, xhi, ylo, yhi = _box(x0, y0, x1, y1, x2, y2, margin)
+    inv0, inv1, inv2 = _inverse_lengths(x0, y0, x1, y1, x2, y2)
 
-    # Pixel rectangle around the enlarged box, one pixel of slack for rounding (the exact test
+    # Pixel rectangle around each enlarged box, one pixel of slack for rounding (the exact test
     # below decides); empty for the faces the forward left out.
-    ok = _face_finite(x0, y0, x1, y1, x2, y2, fvz_ptr, pid, True)
+    ok = fmask & _face_finite(x0, y0, x1, y1, x2, y2, fvz_ptr, face, fmask)
     j_lo = (tl.where(ok, xlo, 0.0).to(tl.float32) / cx_scale + (W - 1)) * 0.5
     j_hi = (tl.where(ok, xhi, 0.0).to(tl.float32) / cx_scale + (W - 1)) * 0.5
     i_lo = ((H - 1) - tl.where(ok, yhi, 0.0).to(tl.float32) / cy_scale) * 0.5
     i_hi = ((H - 1) - tl.where(ok, ylo, 0.0).to(tl.float32) / cy_scale) * 0.5
-    j_lo = tl.floor(tl.maximum(j_lo, -1.0)).to(tl.int32) - 1
-    j_hi = tl.ceil(tl.minimum(j_hi, W)).to(tl.int32) + 1
-    i_lo = tl.floor(tl.maximum(i_lo, -1.0)).to(tl.int32) - 1
-    i_hi = tl.ceil(tl.minimum(i_hi, H)).to(tl.int32) + 1
-    j_lo = tl.maximum(j_lo, 0)
-    i_lo = tl.maximum(i_lo, 0)
-    cols = tl.minimum(j_hi, W - 1) - j_lo + 1
-    rows = tl.minimum(i_hi, H - 1) - i_lo + 1
-    n_pix = tl.where(ok & (cols > 0) & (rows > 0), cols * rows, 0)
+    j_lo = tl.maximum(tl.floor(tl.maximum(j_lo, -1.0)).to(tl.int32) - 1, 0)
+    j_hi = tl.minimum(tl.ceil(tl.minimum(j_hi, W)).to(tl.int32) + 1, W - 1)
+    i_lo = tl.maximum(tl.floor(tl.maximum(i_lo, -1.0)).to(tl.int32) - 1, 0)
+    i_hi = tl.minimum(tl.ceil(tl.minimum(i_hi, H)).to(tl.int32) + 1, H - 1)
+    cols = tl.maximum(j_hi - j_lo + 1, 1)
+    n_pix = tl.where(ok & (j_hi >= j_lo) & (i_hi >= i_lo), cols * (i_hi - i_lo + 1), 0)
+    n_steps = tl.max((n_pix + BLOCK_P - 1) // BLOCK_P, 0)
 
     # The barycentric backward works in NDC units (spec §3.1): e1 = b − a, e2 = c − a.
-    ax = tl.load(fvi_ptr + pid * 6 + 0)
-    ay = tl.load(fvi_ptr + pid * 6 + 1)
-    e1x = tl.load(fvi_ptr + pid * 6 + 2) - ax
-    e1y = tl.load(fvi_ptr + pid * 6 + 3) - ay
-    e2x = tl.load(fvi_ptr + pid * 6 + 4) - ax
-    e2y = tl.load(fvi_ptr + pid * 6 + 5) - ay
+    ax = tl.load(fvi_ptr + face * 6 + 0, mask=fmask, other=0.0)[:, None]
+    ay = tl.load(fvi_ptr + face * 6 + 1, mask=fmask, other=0.0)[:, None]
+    e1x = tl.load(fvi_ptr + face * 6 + 2, mask=fmask, other=0.0)[:, None] - ax
+    e1y = tl.load(fvi_ptr + face * 6 + 3, mask=fmask, other=0.0)[:, None] - ay
+    e2x = tl.load(fvi_ptr + face * 6 + 4, mask=fmask, other=0.0)[:, None] - ax
+    e2y = tl.load(fvi_ptr + face * 6 + 5, mask=fmask, other=0.0)[:, None] - ay
     k3 = e1x * e2y - e1y * e2x
     k3 = tl.where(k3 >= 0, k3 + _AREA_EPS_C, k3 - _AREA_EPS_C)
     d = tl.arange(0, BLOCK_D)
-    dmask = d < D
-    fa = tl.load(ff_ptr + pid * 3 * D + d, mask=dmask, other=0.0)
-    fb = tl.load(ff_ptr + pid * 3 * D + D + d, mask=dmask, other=0.0)
-    fc = tl.load(ff_ptr + pid * 3 * D + 2 * D + d, mask=dmask, other=0.0)
+    dmask = fmask[:, None] & (d[None, :] < D)
+    corner = ff_ptr + face[:, None] * 3 * D + d[None, :]
+    fa = tl.load(corner, mask=dmask, other=0.0)
+    df1 = (tl.load(corner + D, mask=dmask, other=0.0) - fa)[:, None, :]
+    df2 = (tl.load(corner + 2 * D, mask=dmask, other=0.0) - fa)[:, None, :]
+    x0 = x0[:, None]
+    y0 = y0[:, None]
+    x1 = x1[:, None]
+    y1 = y1[:, None]
+    x2 = x2[:, None]
+    y2 = y2[:, None]
 
-    zero = tl.zeros([BLOCK_P], dtype)
+    zero = tl.zeros([BLOCK_FB, BLOCK_P], dtype)
     gx0, gy0, gx1, gy1, gx2, gy2 = zero, zero, zero, zero, zero, zero
-    gfa = tl.zeros([BLOCK_P, BLOCK_D], dtype)
-    gfb = tl.zeros([BLOCK_P, BLOCK_D], dtype)
-    gfc = tl.zeros([BLOCK_P, BLOCK_D], dtype)
-    for start in range(0, n_pix, BLOCK_P):
-        lin = start + tl.arange(0, BLOCK_P)
-        lmask = lin < n_pix
-        i = i_lo + lin // cols
-        j = j_lo + lin % cols
+    gfa = tl.zeros([BLOCK_FB, BLOCK_D], dtype)
+    gfb = tl.zeros([BLOCK_FB, BLOCK_D], dtype)
+    gfc = tl.zeros([BLOCK_FB, BLOCK_D], dtype)
+    for step in range(0, n_steps):
+        lin = step * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]
+        lmask = lin < n_pix[:, None]
+        i = i_lo[:, None] + lin // cols[:, None]
+        j = j_lo[:, None] + lin % cols[:, None]
         pix = (b * H + i) * W + j
         won = tl.load(idx_ptr + pix, mask=lmask, other=-2)
         px, py = _pixel_centres(i, j, H, W, cx_scale, cy_scale, dtype)
 
         # Pixels this face won: I = f_a + w1 (f_b − f_a) + w2 (f_c − f_a) with the pixel fixed.
-        hard = lmask & (won == f)
-        g = tl.load(gfeat_ptr + pix[:, None] * D + d[None, :], mask=hard[:, None] & dmask[None, :],
-                    other=0.0)
+        hard = lmask & (won == f[:, None])
+        g = tl.load(gfeat_ptr + pix[:, :, None] * D + d[None, None, :],
+                    mask=hard[:, :, None] & (d[None, None, :] < D), other=0.0)
+        g1 = tl.sum(g * df1, 2)
+        g2 = tl.sum(g * df2, 2)
         rx = px / _M - ax
         ry = py / _M - ay
         w1 = (rx * e2y - ry * e2x) / k3
         w2 = (e1x * ry - e1y * rx) / k3
-        g1 = tl.sum(g * (fb - fa)[None, :], 1)
-        g2 = tl.sum(g * (fc - fa)[None, :], 1)
         s = g1 * w1 + g2 * w2
         grad_rx = (g1 * e2y - g2 * e1y) / k3
         grad_ry = (g2 * e1x - g1 * e2x) / k3
@@ -389,23 +404,23 @@ def _backward_kernel(
         gy1 += tl.where(hard, grad_by, 0.0)
         gx2 += tl.where(hard, grad_cx, 0.0)
         gy2 += tl.where(hard, grad_cy, 0.0)
-        # Feature gradients use the forward's (scaled-unit) weights, as Kaolin does.
-        v0, v1, v2 = _edge_weights(px, py, x0, y0, x1, y1, x2, y2)
-        gfa += tl.where(hard[:, None], v0[:, None] * g, 0.0)
-        gfb += tl.where(hard[:, None], v1[:, None] * g, 0.0)
-        gfc += tl.where(hard[:, None], v2[:, None] * g, 0.0)
+        gfa += tl.sum(tl.where(hard, 1.0 - w1 - w2, 0.0)[:, :, None] * g, 1)
+        gfb += tl.sum(tl.where(hard, w1, 0.0)[:, :, None] * g, 1)
+        gfc += tl.sum(tl.where(hard, w2, 0.0)[:, :, None] * g, 1)
 
         # Uncovered pixels where this face is among the first knum candidates (spec §3.2).
         cut = tl.load(cutoff_ptr + pix, mask=lmask, other=-1)
-        soft_hit = (lmask & (won < 0) & (f <= cut) & (xlo <= px) & (px < xhi)
-                    & (ylo <= py) & (py < yhi))
-        d2, kind = _boundary_distance(px, py, x0, y0, x1, y1, x2, y2)
-        prob = _probability(d2, sigma_inv)
+        soft_hit = (lmask & (won < 0) & (f[:, None] <= cut) & (xlo[:, None] <= px) & (px < xhi[:, None])
+                    & (ylo[:, None] <= py) & (py < yhi[:, None]))
+        d2, kind = _boundary_distance(px, py, x0, y0, x1, y1, x2, y2,
+                                      inv0[:, None], inv1[:, None], inv2[:, None])
+        prob = tl.exp(d2 * neg_sigma)
         soft = tl.load(soft_ptr + pix, mask=soft_hit, other=0.0)
         gsoft = tl.load(gsoft_ptr + pix, mask=soft_hit, other=0.0)
-        # dL/d(d² in NDC²) times 1/MULTIPLIER: d(d² scaled)/d(v scaled) below is then dL/d(v NDC).
-        upstream = gsoft * (-sigma_inv) * prob * (1.0 - soft) / (1.0 - prob + _DIST_EPS_C) / _M
-        # Nearest feature: edge first→second (d² = up²/down, differentiated exactly) or a corner.
+        # dL/d(d² in NDC²) = gS (1 − S)/(1 − P + eps) · (−σ⁻¹ P), times 1/MULTIPLIER so that
+        # d(d² scaled)/d(v scaled) below gives dL/d(v in NDC); neg_sigma is −σ⁻¹/MULTIPLIER².
+        upstream = gsoft * (1.0 - soft) / (1.0 - prob + _DIST_EPS_C) * prob * neg_sigma * _M
+        # Nearest feature: edge first→second (d² = up² / down, differentiated exactly) or a corner.
         is_edge = kind < 3
         first = tl.where(is_edge, kind, kind - 3)
         second = (first + 1) % 3
@@ -413,33 +428,39 @@ def _backward_kernel(
         ay_s = _select(first, y0, y1, y2)
         bx_s = _select(second, x0, x1, x2)
         by_s = _select(second, y0, y1, y2)
+        inv_down = _select(first, inv0[:, None], inv1[:, None], inv2[:, None])
         ex = bx_s - ax_s
         ey = by_s - ay_s
-        down = ex * ex + ey * ey + _DIST_EPS_C
         up = (px - ax_s) * ey - (py - ay_s) * ex
-        line_d2 = up * up / down
-        g1x = tl.where(is_edge, 2.0 * (up * (py - by_s) + line_d2 * ex) / down, 2.0 * (ax_s - px))
-        g1y = tl.where(is_edge, 2.0 * (up * (bx_s - px) + line_d2 * ey) / down, 2.0 * (ay_s - py))
-        g2x = tl.where(is_edge, -2.0 * (up * (py - ay_s) + line_d2 * ex) / down, 0.0)
-        g2y = tl.where(is_edge, -2.0 * (up * (ax_s - px) + line_d2 * ey) / down, 0.0)
-        upstream = tl.where(soft_hit, upstream, 0.0)
-        gx0 += upstream * (tl.where(first == 0, g1x, 0.0) + tl.where(second == 0, g2x, 0.0))
-        gy0 += upstream * (tl.where(first == 0, g1y, 0.0) + tl.where(second == 0, g2y, 0.0))
-        gx1 += upstream * (tl.where(first == 1, g1x, 0.0) + tl.where(second == 1, g2x, 0.0))
-        gy1 += upstream * (tl.where(first == 1, g1y, 0.0) + tl.where(second == 1, g2y, 0.0))
-        gx2 += upstream * (tl.where(first == 2, g1x, 0.0) + tl.where(second == 2, g2x, 0.0))
-        gy2 += upstream * (tl.where(first == 2, g1y, 0.0) + tl.where(second == 2, g2y, 0.0))
+        line_d2 = up * up * inv_down
+        g1x = tl.where(is_edge, 2.0 * (up * (py - by_s) + line_d2 * ex) * inv_down, 2.0 * (ax_s - px))
+        g1y = tl.where(is_edge, 2.0 * (up * (bx_s - px) + line_d2 * ey) * inv_down, 2.0 * (ay_s - py))
+        g2x = tl.where(is_edge, -2.0 * (up * (py - ay_s) + line_d2 * ex) * inv_down, 0.0)
+        g2y = tl.where(is_edge, -2.0 * (up * (ax_s - px) + line_d2 * ey) * inv_down, 0.0)
+        gx0 += tl.where(soft_hit, upstream * (tl.where(first == 0, g1x, 0.0)
+                                             + tl.where(second == 0, g2x, 0.0)), 0.0)
+        gy0 += tl.where(soft_hit, upstream * (tl.where(first == 0, g1y, 0.0)
+                                             + tl.where(second == 0, g2y, 0.0)), 0.0)
+        gx1 += tl.where(soft_hit, upstream * (tl.where(first == 1, g1x, 0.0)
+                                             + tl.where(second == 1, g2x, 0.0)), 0.0)
+        gy1 += tl.where(soft_hit, upstream * (tl.where(first == 1, g1y, 0.0)
+                                             + tl.where(second == 1, g2y, 0.0)), 0.0)
+        gx2 += tl.where(soft_hit, upstream * (tl.where(first == 2, g1x, 0.0)
+                                             + tl.where(second == 2, g2x, 0.0)), 0.0)
+        gy2 += tl.where(soft_hit, upstream * (tl.where(first == 2, g1y, 0.0)
+                                             + tl.where(second == 2, g2y, 0.0)), 0.0)
 
-    out = gfvi_ptr + pid * 6
-    tl.store(out + 0, tl.sum(gx0, 0))
-    tl.store(out + 1, tl.sum(gy0, 0))
-    tl.store(out + 2, tl.sum(gx1, 0))
-    tl.store(out + 3, tl.sum(gy1, 0))
-    tl.store(out + 4, tl.sum(gx2, 0))
-    tl.store(out + 5, tl.sum(gy2, 0))
-    tl.store(gff_ptr + pid * 3 * D + d, tl.sum(gfa, 0), mask=dmask)
-    tl.store(gff_ptr + pid * 3 * D + D + d, tl.sum(gfb, 0), mask=dmask)
-    tl.store(gff_ptr + pid * 3 * D + 2 * D + d, tl.sum(gfc, 0), mask=dmask)
+    out = gfvi_ptr + face * 6
+    tl.store(out + 0, tl.sum(gx0, 1), mask=fmask)
+    tl.store(out + 1, tl.sum(gy0, 1), mask=fmask)
+    tl.store(out + 2, tl.sum(gx1, 1), mask=fmask)
+    tl.store(out + 3, tl.sum(gy1, 1), mask=fmask)
+    tl.store(out + 4, tl.sum(gx2, 1), mask=fmask)
+    tl.store(out + 5, tl.sum(gy2, 1), mask=fmask)
+    grad_corner = gff_ptr + face[:, None] * 3 * D + d[None, :]
+    tl.store(grad_corner, gfa, mask=dmask)
+    tl.store(grad_corner + D, gfb, mask=dmask)
+    tl.store(grad_corner + 2 * D, gfc, mask=dmask)
 
 
 def _scale(size: int) -> float:
@@ -463,8 +484,9 @@ class _DibrRasterize(torch.autograd.Function):
         num_tiles = tiles_h * tiles_w
         # Scalars travel as 1-element tensors of the input dtype: Triton passes Python floats as
         # float32, which would round them for float64 inputs.
-        margin = torch.tensor([box_len * MULTIPLIER], dtype=dtype, device=device)
-        sigma = torch.tensor([sigma_inv], dtype=dtype, device=device)
+        margin = torch.full((1,), box_len * MULTIPLIER, dtype=dtype, device=device)
+        # −σ⁻¹ per squared scaled unit, so that P = exp(d²_scaled · sigma)
+        sigma = torch.full((1,), -sigma_inv / (MULTIPLIER * MULTIPLIER), dtype=dtype, device=device)
 
         face_lists = torch.empty(batch * num_tiles * num_faces, dtype=torch.int32, device=device)
         list_counts = torch.empty(batch * num_tiles, dtype=torch.int32, device=device)
@@ -500,13 +522,14 @@ class _DibrRasterize(torch.autograd.Function):
         # Every (image, face) program writes its whole gradient, so no zero fill is needed.
         grad_verts = torch.empty_like(face_verts_image)
         grad_face_features = torch.empty_like(face_features)
-        _backward_kernel[(batch * num_faces,)](
+        blocks_per_image = triton.cdiv(num_faces, _BWD_BLOCK_FB)
+        _backward_kernel[(batch * blocks_per_image,)](
             face_verts_image, face_verts_z, face_features, face_idx, cutoff, soft_mask,
             grad_features.contiguous(), grad_soft_mask.contiguous(), ctx.margin, ctx.sigma,
             grad_verts, grad_face_features,
-            num_faces, height, width, channels, _scale(width), _scale(height),
-            BLOCK_P=_BWD_BLOCK_P, BLOCK_D=_block_d(channels), num_warps=_BWD_WARPS,
-            enable_fp_fusion=False,
+            num_faces, height, width, channels, blocks_per_image, _scale(width), _scale(height),
+            BLOCK_FB=_BWD_BLOCK_FB, BLOCK_P=_BWD_BLOCK_P, BLOCK_D=_block_d(channels),
+            num_warps=_BWD_WARPS, enable_fp_fusion=False,
         )
         return grad_verts, None, grad_face_features, None, None, None, None, None, None
 
@@ -548,12 +571,13 @@ def rasterize_triton(
     if face_verts_image.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"rasterize_triton needs CUDA tensors, got {face_verts_image.device}; call "
                          "renderer.rasterize.rasterize, which runs the reference on other devices")
+    height, width = int(height), int(width)
     batch, num_faces, _, channels = face_features.shape
     tiles = triton.cdiv(height, _TILE_H) * triton.cdiv(width, _TILE_W)
     if max(batch * height * width * channels, batch * num_faces * 3 * channels, batch * tiles) >= 2**31:
         raise ValueError("rasterize_triton indexes with 32 bits; split the batch into smaller ones")
     features, soft_mask, face_idx = _DibrRasterize.apply(
         face_verts_image.contiguous(), face_verts_z.contiguous(), face_features.contiguous(),
-        face_normals_z.contiguous(), int(height), int(width), float(sigma_inv), float(box_len), int(knum),
+        face_normals_z.contiguous(), height, width, float(sigma_inv), float(box_len), int(knum),
     )
     return Rasterized(features=features, soft_mask=soft_mask, face_idx=face_idx)

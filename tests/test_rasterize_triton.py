@@ -192,6 +192,7 @@ def test_soft_mask_keeps_the_first_knum_faces_by_index():
 
 
 @in_this_process
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the inf face, masked out
 def test_faces_off_image_culled_or_non_finite_cover_nothing():
     verts, z, features, normals = _flat_scene(
         [[[2.0, 2.0], [3.0, 2.0], [2.0, 3.0]], [[-0.9, -0.9], [math.inf, -0.9], [-0.9, 0.9]],
