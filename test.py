@@ -24,6 +24,7 @@ from utils.metrics import (
     open_run,
     whiten,
 )
+from utils.model import build_template
 from utils.options import derive
 
 CUB_SSIM_UPSCALE = 2
@@ -38,6 +39,8 @@ ROWS = [  # (result key, label, format)
     ("fid_rotation90", "FID azimuth +-90", "{:.2f}"),
     ("chamfer", "Chamfer (squared, centred)", "{:.5f}"),
     ("chamfer_template", "Chamfer of the initial template", "{:.5f}"),
+    ("chamfer_scaled", "Chamfer, scale aligned", "{:.5f}"),
+    ("chamfer_template_scaled", "Chamfer of the template, scale aligned", "{:.5f}"),
     ("azimuth_err_deg", "azimuth error (deg)", "{:.2f}"),
     ("azimuth_err_mirror_deg", "azimuth error, front/back mirror ok", "{:.2f}"),
     ("elevation_err_deg", "elevation error (deg)", "{:.2f}"),
@@ -120,7 +123,8 @@ def main(argv=None) -> int:
     writer = ImageWriter(run_dir / "test_images") if args.save_images else None
     metrics = evaluate(run.encoder, loader, run.template, d.height, d.width, device,
                        ssim_upscale=ssim_upscale, jpeg=args.jpeg, progress=True, inception=inception,
-                       azi_scope=opts.azi_scope, seed=args.seed, on_batch=writer)
+                       azi_scope=opts.azi_scope, seed=args.seed, on_batch=writer,
+                       initial_verts=build_template(opts).verts)
     line = {
         "source": "test.py", "run": str(run_dir), "checkpoint": str(run.checkpoint_path), "epoch": run.epoch,
         "swa": args.swa, "dataset": opts.dataset, "num_images": len(dataset), "jpeg": args.jpeg,

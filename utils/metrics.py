@@ -95,6 +95,15 @@ def azimuth_error(pred_deg: torch.Tensor, true_deg: torch.Tensor, mirror: bool =
     return err
 
 
+def scaled_like(verts: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Rescale centred (B,V,3) `verts` to the RMS radius of centred `reference` (B,N,3): a single image
+    fixes a shape only up to scale (a larger object further away looks the same)."""
+    def rms(v):
+        return v.pow(2).sum(-1).mean(-1).sqrt()[:, None, None]
+
+    return verts * (rms(reference) / rms(verts).clamp_min(1e-12))
+
+
 def centred(verts: torch.Tensor) -> torch.Tensor:
     return verts - verts.mean(dim=-2, keepdim=True)
 
@@ -275,8 +284,8 @@ def _fid_views(attrs, template, height: int, width: int, azi_scope: float,
 @torch.no_grad()
 def evaluate(encoder, loader, template, height: int, width: int, device, *, ssim_upscale: int = 1,
              jpeg: bool = False, progress: bool = False, inception: FIDInception | None = None,
-             azi_scope: float = 360.0, seed: int = 0,
-             on_batch: Callable | None = None) -> dict[str, float]:
+             azi_scope: float = 360.0, seed: int = 0, on_batch: Callable | None = None,
+             initial_verts: torch.Tensor | None = None) -> dict[str, float]:
     """Reconstruct every test image and average the metrics (encoder put in eval mode, then restored).
 
     Args:
@@ -286,10 +295,13 @@ def evaluate(encoder, loader, template, height: int, width: int, device, *, ssim
         inception: compute `fid_recon`, `fid_rotation`, `fid_rotation90` with this network.
         azi_scope, seed: range in degrees and seed of the random azimuths of `fid_rotation`.
         on_batch: called as `on_batch(batch, attrs, recon)` per batch (recon: `RenderOutput`).
+        initial_verts: (V,3) the run's initial template, the baseline of `chamfer_template` (default:
+            `template.verts`, which after training is the learned template).
 
     Returns a dict with `mask_iou` and `ssim` (+ `ssim_x<k>`, FIDs as asked), plus for data with
     ground truth (items holding `verts` and camera) `chamfer`, `chamfer_template` (the untrained
-    template's Chamfer, for scale), `azimuth_err_deg`, `azimuth_err_mirror_deg`, `elevation_err_deg`,
+    template's Chamfer, for scale), `chamfer_scaled` / `chamfer_template_scaled` (each shape first
+    rescaled to the ground truth's RMS radius), `azimuth_err_deg`, `azimuth_err_mirror_deg`, `elevation_err_deg`,
     `distance_err` and `offset_err` (Euclidean, of the look-at point).
     """
     from tqdm import tqdm
@@ -322,9 +334,14 @@ def evaluate(encoder, loader, template, height: int, width: int, device, *, ssim
         if "verts" in batch:
             gt_verts = centred(batch["verts"].to(device).float())
             pred_verts = centred(attrs.verts)
-            init = centred(template.verts).expand_as(pred_verts)
+            start = template.verts if initial_verts is None else initial_verts.to(device)
+            init = centred(start).expand_as(pred_verts)
             per_image["chamfer"] = chamfer_distance(pred_verts, gt_verts, per_sample=True)
             per_image["chamfer_template"] = chamfer_distance(init, gt_verts, per_sample=True)
+            per_image["chamfer_scaled"] = chamfer_distance(scaled_like(pred_verts, gt_verts), gt_verts,
+                                                           per_sample=True)
+            per_image["chamfer_template_scaled"] = chamfer_distance(scaled_like(init, gt_verts), gt_verts,
+                                                                    per_sample=True)
             az_true = batch["azimuth_deg"].to(device).float()
             per_image["azimuth_err_deg"] = azimuth_error(attrs.azimuth_deg, az_true)
             per_image["azimuth_err_mirror_deg"] = azimuth_error(attrs.azimuth_deg, az_true, mirror=True)

@@ -63,6 +63,7 @@ class Trainer:
         seed_everything(opts.manualSeed + self.dist.rank)
 
         self.template = build_template(opts).to(self.device)
+        self.initial_verts = self.template.verts.clone()
         self.encoder = build_encoder(opts, self.template).to(self.device)
         self.critic = build_critic(opts).to(self.device)
         self.train_encoder, self.train_critic = self.encoder, self.critic
@@ -407,7 +408,8 @@ class Trainer:
             self._update_template()
 
     def _evaluate(self, epoch: int) -> None:
-        metrics = evaluate(self.encoder, self.test_loader, self.template, self.d.height, self.d.width, self.device)
+        metrics = evaluate(self.encoder, self.test_loader, self.template, self.d.height, self.d.width, self.device,
+                           initial_verts=self.initial_verts)
         line = {"epoch": epoch, "step": self.global_step, **metrics}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(line) + "\n")
