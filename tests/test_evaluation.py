@@ -23,6 +23,7 @@ from renderer.shading import mask_iou
 from utils.checkpoints import load_checkpoint
 from utils.metrics import (
     FIDInception,
+    centred,
     count_flops,
     count_parameters,
     encoder_complexity,
@@ -30,6 +31,7 @@ from utils.metrics import (
     fid_from_features,
     frechet_distance,
     load_fid_inception,
+    scaled_like,
     ssim,
 )
 from utils.model import load_run
@@ -103,8 +105,10 @@ def test_flops_of_single_layers_match_the_hand_count():
 
 
 def test_chamfer_of_a_mesh_with_itself_is_zero_and_of_two_points_the_squared_distance_twice():
-    verts = Template.icosphere().verts[None]
+    verts = centred(Template.icosphere().verts[None])
     assert chamfer_distance(verts, verts).item() == 0.0
+    # the scale-aligned variant forgives a uniform scale (a larger object further away looks the same)
+    assert chamfer_distance(scaled_like(2.5 * verts, verts), verts).item() == pytest.approx(0.0, abs=1e-12)
     a, b = torch.zeros(1, 1, 3), torch.tensor([[[0.0, 0.0, 2.0]]])
     assert chamfer_distance(a, b).item() == pytest.approx(8.0)  # 4 each way
 

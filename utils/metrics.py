@@ -301,8 +301,8 @@ def evaluate(encoder, loader, template, height: int, width: int, device, *, ssim
     Returns a dict with `mask_iou` and `ssim` (+ `ssim_x<k>`, FIDs as asked), plus for data with
     ground truth (items holding `verts` and camera) `chamfer`, `chamfer_template` (the untrained
     template's Chamfer, for scale), `chamfer_scaled` / `chamfer_template_scaled` (each shape first
-    rescaled to the ground truth's RMS radius), `azimuth_err_deg`, `azimuth_err_mirror_deg`, `elevation_err_deg`,
-    `distance_err` and `offset_err` (Euclidean, of the look-at point).
+    rescaled to the ground truth's RMS radius), `azimuth_err_deg`, `azimuth_err_mirror_deg`,
+    `elevation_err_deg`, `distance_err` and `offset_err` (Euclidean, of the look-at point).
     """
     from tqdm import tqdm
 
