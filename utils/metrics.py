@@ -393,7 +393,8 @@ def open_run(args):
 
 
 def evaluation_split(opts, dataroot: str | None = None):
-    """The test split of a run's dataset, as the trainer evaluates it (no augmentation).
+    """The test split of a run's dataset, as the trainer evaluates it (no augmentation; ATR runs with
+    --filter_test keep only the test images inside the foreground-ratio window).
 
     Args:
         opts: the run's options (`TrainedRun.opts`); dataroot: another dataset folder than the one
@@ -404,4 +405,4 @@ def evaluation_split(opts, dataroot: str | None = None):
 
     return build_dataset(opts.dataset, root=dataroot or opts.dataroot, split="test",
                          image_size=opts.imageSize, ratio=opts.ratio, threshold=derive(opts).threshold,
-                         aug=False, bg=opts.bg)
+                         aug=False, bg=opts.bg, filter_test=opts.filter_test)
