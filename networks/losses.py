@@ -178,8 +178,10 @@ def flip_loss(delta_verts: Tensor, flip_index: Tensor, sign_init: Tensor, l1: bo
 
 def _nearest_squared_distance(source: Tensor, target: Tensor) -> Tensor:
     """(B, N, 3), (B, M, 3) -> (B, N) squared distance of each source point to its nearest target."""
+    # The matrix-product form of cdist is ~25x faster on a GPU; it only picks the neighbour (a near-tie
+    # may go either way), the distance itself is recomputed exactly below.
     with torch.no_grad():
-        nearest = torch.cdist(source, target, compute_mode="donot_use_mm_for_euclid_dist").argmin(dim=-1)
+        nearest = torch.cdist(source, target, compute_mode="use_mm_for_euclid_dist").argmin(dim=-1)
     matched = torch.gather(target, 1, nearest.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
     return (source - matched).pow(2).sum(dim=-1)
 
