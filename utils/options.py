@@ -78,6 +78,9 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     g.add_argument("--eval_every", type=int, default=20,
                    help="evaluate on the test split (mask IoU, SSIM) every this many epochs, and at the end")
     g.add_argument("--vis_every", type=int, default=10, help="write image grids and meshes every this many epochs")
+    g.add_argument("--sync_bn", **bool_flag, default=False,
+                   help="with torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm) "
+                   "instead of per process")
     g.add_argument("--max_bad_steps", type=int, default=5,
                    help="stop with an error after this many consecutive steps with a non-finite loss")
 
@@ -86,7 +89,8 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     g.add_argument("--dataroot", default="./data/CUB_Data", help="dataset root folder")
     g.add_argument("--imageSize", type=int, default=128, help="image width W in pixels")
     g.add_argument("--ratio", type=float, default=1.0, help="image height / width; H = round(ratio * W)")
-    g.add_argument("--batchSize", type=int, default=32, help="images per step")
+    g.add_argument("--batchSize", type=int, default=32,
+                   help="images per step and process: with torchrun the global batch is this x the process count")
     g.add_argument("--workers", type=int, default=4, help="data-loader worker processes")
     g.add_argument("--prefetch_factor", type=int, default=3, help="batches each worker loads ahead")
     g.add_argument("--threshold", default="0.16,0.64",

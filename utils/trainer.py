@@ -68,6 +68,10 @@ class Trainer:
         self.critic = build_critic(opts).to(self.device)
         self.train_encoder, self.train_critic = self.encoder, self.critic
         if self.dist.enabled:
+            if opts.sync_bn:
+                if self.device.type != "cuda":
+                    raise ValueError("--sync_bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernel)")
+                self.encoder = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.encoder)
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_encoder = DistributedDataParallel(self.encoder, device_ids=ids, find_unused_parameters=True)
             self.train_critic = DistributedDataParallel(self.critic, device_ids=ids)
@@ -97,6 +101,7 @@ class Trainer:
 
     def _prepare_run_dir(self) -> None:
         exists = (self.run_dir / "opts.yaml").exists()
+        barrier(self.dist)  # every rank looks before rank 0 writes
         if exists and not self.opts.resume:
             raise FileExistsError(
                 f"run folder {self.run_dir} already holds a run: pass --resume to continue it, "
@@ -275,7 +280,7 @@ class Trainer:
             "gp": o.gan_reg * o.lambda_gan * gp,
         }
         loss_d = self.warm_up * (d_terms["adv"] + d_terms["gp"])
-        if not torch.isfinite(loss_d):
+        if not self._on_all_ranks(bool(torch.isfinite(loss_d))):
             return self._skip_step("critic", loss_d)
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward(inputs=list(self.critic.parameters()))
@@ -300,7 +305,7 @@ class Trainer:
             e_terms["cycle"] = o.lambda_ic * losses.attribute_cycle_loss(
                 aire, ai.detach(), azim_weight=o.azim, l1=o.L1, chamfer=o.chamfer)
         loss_e = self.warm_up * sum(e_terms.values())
-        if not torch.isfinite(loss_e):
+        if not self._on_all_ranks(bool(torch.isfinite(loss_e))):
             return self._skip_step("encoder", loss_e)
         self.bad_streak = 0
         self.opt_e.zero_grad(set_to_none=True)
@@ -379,7 +384,8 @@ class Trainer:
                         self.writer.add_scalar(f"train/{k}", v, self.global_step)
             if on_step is not None:
                 on_step(self)
-            if self.stop_requested:
+            if not self._on_all_ranks(not self.stop_requested):  # a signal on any rank stops all of them
+                self.stop_requested = True
                 return False
         if self.dist.is_main:
             if self.device.type == "cuda":
@@ -467,7 +473,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _state(self) -> dict:
+    def _on_all_ranks(self, condition: bool) -> bool:
+        """True when `condition` holds on every rank, so that ranks take the same branch (collective)."""
+        if not self.dist.enabled:
+            return condition
+        flag = torch.tensor([1.0 if condition else 0.0], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _state(self, rng: bool = True) -> dict:
         return {
             "epoch": self.epoch,
             "next_batch": self.start_batch,
@@ -484,10 +498,21 @@ class Trainer:
             "warm_up": self.warm_up,
             "em_step": self.em_step,
             "best_iou": self.best_iou,
-            "rng": rng_state(),
+            **({"rng": self._all_rng_states()} if rng else {}),
         }
 
+    def _all_rng_states(self) -> list[dict]:
+        """Every rank's generator states (collective: all ranks must call it), indexed by rank."""
+        if not self.dist.enabled:
+            return [rng_state()]
+        states = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(states, rng_state())
+        return states
+
     def _save(self, reason: str) -> None:
+        # Resumable checkpoints gather every rank's RNG state (collective); the best one, saved by
+        # rank 0 alone after its evaluation, is for evaluation only.
+        state = self._state(rng=reason != "best")
         if not self.dist.is_main:
             return
         bad = [n for n, p in self.encoder.state_dict().items() if p.is_floating_point() and not p.isfinite().all()]
@@ -495,7 +520,7 @@ class Trainer:
             raise NonFiniteLossError(f"refusing to save a checkpoint with non-finite weights ({bad[:3]}...)")
         ckpts = self.run_dir / "ckpts"
         name = "best" if reason == "best" else "latest"
-        save_checkpoint(self._state(), ckpts / f"{name}.pt")
+        save_checkpoint(state, ckpts / f"{name}.pt")
         # The learned template beside its checkpoint, readable by any mesh viewer.
         t = self.template
         save_obj(ckpts / f"{name}_template.obj", t.verts.cpu(), t.faces.cpu(), t.face_uvs.cpu())
@@ -518,7 +543,10 @@ class Trainer:
         self.warm_up, self.em_step, self.best_iou = ckpt["warm_up"], ckpt["em_step"], ckpt["best_iou"]
         if self.start_batch >= self.train_sampler.num_batches:
             raise RuntimeError(f"{path} points past the end of its epoch; the dataset changed since it was written")
-        set_rng_state(ckpt["rng"])
+        if len(ckpt["rng"]) != self.dist.world_size:
+            raise RuntimeError(f"{path} was written by {len(ckpt['rng'])} process(es); resume it with as many "
+                               f"(torchrun --nproc_per_node={len(ckpt['rng'])}), not {self.dist.world_size}")
+        set_rng_state(ckpt["rng"][self.dist.rank])
         log.info("resumed from %s: epoch %d, batch %d", path, self.epoch, self.start_batch)
 
 
