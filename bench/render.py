@@ -1,9 +1,21 @@
-"""Benchmark (not a test): forward + backward time and peak memory of the full render, per rasterizer.
+"""Benchmark (not a test): forward + backward time and peak memory per rasterizer backend.
 
 Renders the 642-vertex / 1280-face icosphere template through `renderer.render.render` from random
 plausible cameras (distance 2-7, elevation 0-30 deg, any azimuth, look-at offsets within +-0.1), with a
 random texture and SH light (3, 0, ..., 0), then back-propagates mean(rgb) + mean(silhouette) to the
 vertices and the texture. Each backend in `BACKENDS` becomes a column: add a rasterizer there.
+
+Two tables: the whole `render` call, and the rasterizer call alone (the inputs `render` hands it,
+forward + backward of fixed random weights on its features and soft mask), with the speed-up of the
+Triton path over the others. Backends:
+
+* reference: `rasterize_reference`, plain PyTorch (CPU and CUDA);
+* triton: `renderer.rasterize_triton.rasterize_triton` (CUDA);
+* nvdiffrast (CUDA, optional: `pip install diffrp-nvdiffrast`, which builds its plugin with nvcc on
+  first use): rasterize + interpolate + antialias of the coverage, fed like Kaolin's nvdiffrast
+  adapter (unshared corners, w = 1 so interpolation is affine as in DIB-R, culled faces clipped).
+  Its antialiased silhouette is not DIB-R's soft mask (spec/renderer-math.md §5.2); it is the usual
+  alternative, timed for comparison.
 
 Peak memory: on CUDA, the peak of torch.cuda.memory_allocated above its value before the call; on the
 CPU, the peak resident-set size above its value before the call (sampled every 0.5 ms after returning
@@ -18,15 +30,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import importlib
+import importlib.util
 import os
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.utils.cpp_extension
 
 from renderer.mesh import Template
 from renderer.rasterize import Rasterized, rasterize_reference
@@ -40,10 +56,69 @@ class Backend:
     name: str
     rasterize: Callable[..., Rasterized]  # same signature as renderer.rasterize.rasterize
     devices: tuple[str, ...]  # device types it runs on
+    missing: Callable[[], str | None] = lambda: None  # why it cannot run here, None when it can
+
+
+def triton_rasterize(*args) -> Rasterized:
+    from renderer.rasterize_triton import rasterize_triton
+
+    return rasterize_triton(*args)
+
+
+def triton_missing() -> str | None:
+    return None if importlib.util.find_spec("triton") else "triton is not installed"
+
+
+@functools.cache
+def nvdiffrast_context():
+    """nvdiffrast.torch and a CUDA rasterizer context; the first call builds nvdiffrast's plugin."""
+    import nvdiffrast
+    import nvdiffrast.torch as dr
+
+    # nvdiffrast builds its plugin with torch.utils.cpp_extension.load and then imports it by name;
+    # PyTorch 2 no longer puts the build directory on sys.path, so add it first.
+    plugin = dr.ops.sanitize_name(f"nvdiffrast_plugin_{nvdiffrast.__version__}_torch{torch.__version__}")
+    sys.path.insert(0, torch.utils.cpp_extension._get_build_directory(plugin, False))
+    return dr, dr.RasterizeCudaContext()
+
+
+def nvdiffrast_missing() -> str | None:
+    if importlib.util.find_spec("nvdiffrast") is None:
+        return "nvdiffrast is not installed (pip install diffrp-nvdiffrast)"
+    try:
+        nvdiffrast_context()
+    except (ImportError, OSError, RuntimeError) as error:
+        return f"nvdiffrast could not be built or loaded: {error}"
+    return None
+
+
+def nvdiffrast_rasterize(face_verts_image, face_verts_z, face_features, face_normals_z, height, width,
+                         *dibr_settings) -> Rasterized:
+    """nvdiffrast rasterize + interpolate + antialias with the rasterizer's contract (float32, CUDA).
+
+    The DIB-R settings (sigma_inv, box_len, knum) have no counterpart and are ignored; soft_mask is the
+    antialiased hard coverage.
+    """
+    dr, context = nvdiffrast_context()
+    batch, num_faces = face_normals_z.shape
+    # clip-space corners (x, -y, depth, w): w = 1 keeps interpolation affine; w = -1 clips culled
+    # faces; y is negated because nvdiffrast's row 0 is at the bottom; depth in (0, 1], nearer smaller
+    w = torch.where(face_normals_z >= 0, 1.0, -1.0)[..., None].expand(batch, num_faces, 3)
+    depth = -face_verts_z / face_verts_z.detach().abs().amax(dim=(1, 2), keepdim=True)
+    pos = torch.stack((face_verts_image[..., 0], -face_verts_image[..., 1], depth * w, w), dim=-1)
+    pos = pos.reshape(batch, 3 * num_faces, 4).contiguous()
+    tri = torch.arange(3 * num_faces, dtype=torch.int32, device=pos.device).reshape(num_faces, 3)
+    rast, _ = dr.rasterize(context, pos, tri, resolution=[height, width], grad_db=False)
+    features, _ = dr.interpolate(face_features.reshape(batch, 3 * num_faces, -1).contiguous(), rast, tri)
+    coverage = (rast[..., 3:] > 0).to(pos.dtype)
+    soft_mask = dr.antialias(coverage, rast, pos, tri)[..., 0]
+    return Rasterized(features=features, soft_mask=soft_mask, face_idx=rast[..., 3].long() - 1)
 
 
 BACKENDS = [
     Backend("reference", rasterize_reference, ("cpu", "cuda")),
+    Backend("triton", triton_rasterize, ("cuda",), triton_missing),
+    Backend("nvdiffrast", nvdiffrast_rasterize, ("cuda",), nvdiffrast_missing),
 ]
 
 
@@ -89,19 +164,42 @@ def forward_backward(scene: dict) -> None:
     scene["texture"].grad = None
 
 
+def rasterizer_step(backend: Backend, scene: dict) -> Callable[[], None]:
+    """Forward + backward of the backend's rasterizer alone, on the inputs `render(**scene)` gives it."""
+    captured = []
+    with rasterizing_with(Backend("capture", lambda *args: captured.append(args) or backend.rasterize(*args),
+                                  backend.devices)):
+        render_module.render(**scene)
+    face_verts_image, face_verts_z, face_features, face_normals_z, height, width = captured[0]
+    face_verts_image = face_verts_image.detach().requires_grad_(True)
+    face_features = face_features.detach().requires_grad_(True)
+    face_verts_z, face_normals_z = face_verts_z.detach(), face_normals_z.detach()
+    out = backend.rasterize(face_verts_image, face_verts_z, face_features, face_normals_z, height, width)
+    gen = torch.Generator().manual_seed(1)
+    weights = [torch.rand(t.shape, generator=gen).to(t.device) for t in (out.features, out.soft_mask)]
+
+    def step() -> None:
+        out = backend.rasterize(face_verts_image, face_verts_z, face_features, face_normals_z, height, width)
+        torch.autograd.backward([out.features, out.soft_mask], weights)
+        face_verts_image.grad = None
+        face_features.grad = None
+
+    return step
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def time_ms(scene: dict, device: torch.device, repeats: int) -> float:
+def time_ms(step: Callable[[], None], device: torch.device, repeats: int) -> float:
     """Median wall time of one forward + backward, after one warm-up call."""
-    forward_backward(scene)
+    step()
     times = []
     for _ in range(repeats):
         synchronize(device)
         start = time.perf_counter()
-        forward_backward(scene)
+        step()
         synchronize(device)
         times.append(1000 * (time.perf_counter() - start))
     return statistics.median(times)
@@ -112,13 +210,13 @@ def _resident_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def peak_mib(scene: dict, device: torch.device) -> str:
+def peak_mib(step: Callable[[], None], device: torch.device) -> str:
     """Peak memory of one forward + backward above what was held before it (see the module docstring)."""
     if device.type == "cuda":
         synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        forward_backward(scene)
+        step()
         synchronize(device)
         return f"{(torch.cuda.max_memory_allocated(device) - before) / 2**20:.0f}"
     if not os.path.exists("/proc/self/statm"):
@@ -137,7 +235,7 @@ def peak_mib(scene: dict, device: torch.device) -> str:
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    forward_backward(scene)
+    step()
     running = False
     sampler.join()
     return f"{(peak - before) / 2**20:.0f}"
@@ -154,24 +252,44 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     template = Template.icosphere()
-    backends = [backend for backend in BACKENDS if device.type in backend.devices]
+    backends = []
+    for backend in BACKENDS:
+        reason = backend.missing() if device.type in backend.devices else f"runs on {', '.join(backend.devices)} only"
+        if reason is None:
+            backends.append(backend)
+        else:
+            print(f"{backend.name}: skipped, {reason}")
     rows = [(args.batch, 128, 128), (args.batch, 128, 64), (args.batch, 160, 96), (8, 128, 128)]
 
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name}{threads}; torch {torch.__version__}; mesh {len(template.verts)} verts / "
-          f"{len(template.faces)} faces; forward+backward of render(), median of {args.repeats}")
-    header = "| B | H x W | " + " | ".join(f"{b.name} ms | {b.name} peak MiB" for b in backends) + " |"
-    print(header)
-    print("|" + "---|" * (2 + 2 * len(backends)))
+          f"{len(template.faces)} faces; float32; median of {args.repeats} calls")
+    tables = {"render() forward + backward": [], "rasterizer alone, forward + backward": []}
     for batch, height, width in rows:
-        cells = []
+        render_cells, raster_cells = {}, {}
         for backend in backends:
             gen = torch.Generator().manual_seed(0)
             scene = make_scene(template, batch, height, width, device, gen)
+            render_step = functools.partial(forward_backward, scene)
             with rasterizing_with(backend):
-                cells += [f"{time_ms(scene, device, args.repeats):.1f}", peak_mib(scene, device)]
-        print(f"| {batch} | {height} x {width} | " + " | ".join(cells) + " |")
+                render_cells[backend.name] = (time_ms(render_step, device, args.repeats),
+                                              peak_mib(render_step, device))
+            step = rasterizer_step(backend, scene)
+            raster_cells[backend.name] = (time_ms(step, device, args.repeats), peak_mib(step, device))
+        tables["render() forward + backward"].append(((batch, height, width), render_cells))
+        tables["rasterizer alone, forward + backward"].append(((batch, height, width), raster_cells))
+    names = [backend.name for backend in backends]
+    others = [name for name in names if name != "triton"] if "triton" in names else []
+    for title, rows_cells in tables.items():
+        print(f"\n{title}\n")
+        print("| B | H x W | " + " | ".join(f"{n} ms | {n} peak MiB" for n in names)
+              + "".join(f" | {n} / triton" for n in others) + " |")
+        print("|" + "---|" * (2 + 2 * len(names) + len(others)))
+        for (batch, height, width), cells in rows_cells:
+            values = [f"{cells[n][0]:.2f} | {cells[n][1]}" for n in names]
+            values += [f"{cells[n][0] / cells['triton'][0]:.1f}x" for n in others]
+            print(f"| {batch} | {height} x {width} | " + " | ".join(values) + " |")
 
 
 if __name__ == "__main__":

@@ -54,9 +54,9 @@ _TILE_W = 16
 _BIN_BLOCK_F = 64
 _FWD_BLOCK_F = 8
 _FWD_WARPS = 4
-_BWD_BLOCK_FB = 4
+_BWD_BLOCK_FB = 1
 _BWD_BLOCK_P = 32
-_BWD_WARPS = 4
+_BWD_WARPS = 1
 
 
 @triton.jit
@@ -243,22 +243,24 @@ def _forward_kernel(
         face = b * F + f
         valid = kmask & (tl.load(fnz_ptr + face, mask=kmask, other=-1.0) >= 0)
         x0, y0, x1, y1, x2, y2 = _load_corners(fvi_ptr, face, kmask)
-        z0 = tl.load(fvz_ptr + face * 3 + 0, mask=kmask, other=0.0)
-        z1 = tl.load(fvz_ptr + face * 3 + 1, mask=kmask, other=0.0)
-        z2 = tl.load(fvz_ptr + face * 3 + 2, mask=kmask, other=0.0)
         xlo, xhi, ylo, yhi = _box(x0, y0, x1, y1, x2, y2, 0.0)
-        in_box = ((xlo[None, :] <= px2) & (px2 < xhi[None, :]) & (ylo[None, :] <= py2)
+        in_box = (valid[None, :] & (xlo[None, :] <= px2) & (px2 < xhi[None, :]) & (ylo[None, :] <= py2)
                   & (py2 < yhi[None, :]))
-        w0, w1, w2 = _edge_weights(px2, py2, x0[None, :], y0[None, :], x1[None, :], y1[None, :],
-                                   x2[None, :], y2[None, :])
-        z = w0 * z0[None, :] + w1 * z1[None, :] + w2 * z2[None, :]
-        cover = valid[None, :] & in_box & (w0 >= 0) & (w1 >= 0) & (w2 >= 0)
-        z = tl.where(cover, z, float("-inf"))
-        z_max = tl.max(z, 1)
-        f_max = tl.min(tl.where(cover & (z == z_max[:, None]), f[None, :], F), 1)
-        nearer = z_max > best_z
-        best_z = tl.where(nearer, z_max, best_z)
-        best_f = tl.where(nearer, f_max, best_f)
+        # Blocks of culled faces or of boxes that miss every pixel skip the arithmetic.
+        if tl.max(in_box.to(tl.int32)) > 0:
+            w0, w1, w2 = _edge_weights(px2, py2, x0[None, :], y0[None, :], x1[None, :], y1[None, :],
+                                       x2[None, :], y2[None, :])
+            z0 = tl.load(fvz_ptr + face * 3 + 0, mask=kmask, other=0.0)
+            z1 = tl.load(fvz_ptr + face * 3 + 1, mask=kmask, other=0.0)
+            z2 = tl.load(fvz_ptr + face * 3 + 2, mask=kmask, other=0.0)
+            z = w0 * z0[None, :] + w1 * z1[None, :] + w2 * z2[None, :]
+            cover = in_box & (w0 >= 0) & (w1 >= 0) & (w2 >= 0)
+            z = tl.where(cover, z, float("-inf"))
+            z_max = tl.max(z, 1)
+            f_max = tl.min(tl.where(cover & (z == z_max[:, None]), f[None, :], F), 1)
+            nearer = z_max > best_z
+            best_z = tl.where(nearer, z_max, best_z)
+            best_f = tl.where(nearer, f_max, best_f)
     covered = best_f >= 0
     tl.store(idx_ptr + pix, best_f.to(tl.int64), mask=pmask)
 
@@ -293,11 +295,13 @@ def _forward_kernel(
         hit = (uncovered[:, None] & kmask[None, :] & (xlo[None, :] <= px2) & (px2 < xhi[None, :])
                & (ylo[None, :] <= py2) & (py2 < yhi[None, :]))
         rank = seen[:, None] + tl.cumsum(hit.to(tl.int32), 1)
-        inv0, inv1, inv2 = _inverse_lengths(x0, y0, x1, y1, x2, y2)
-        d2, _ = _boundary_distance(px2, py2, x0[None, :], y0[None, :], x1[None, :], y1[None, :],
-                                   x2[None, :], y2[None, :], inv0[None, :], inv1[None, :], inv2[None, :])
-        prob = tl.exp(d2 * neg_sigma)
-        outside *= tl.reduce(tl.where(hit & (rank <= knum), 1.0 - prob, 1.0), 1, _mul)
+        accepted = hit & (rank <= knum)
+        if tl.max(accepted.to(tl.int32)) > 0:
+            inv0, inv1, inv2 = _inverse_lengths(x0, y0, x1, y1, x2, y2)
+            d2, _ = _boundary_distance(px2, py2, x0[None, :], y0[None, :], x1[None, :], y1[None, :],
+                                       x2[None, :], y2[None, :], inv0[None, :], inv1[None, :], inv2[None, :])
+            prob = tl.exp(d2 * neg_sigma)
+            outside *= tl.reduce(tl.where(accepted, 1.0 - prob, 1.0), 1, _mul)
         cutoff = tl.minimum(cutoff, tl.min(tl.where(hit & (rank == knum), f[None, :], _NO_CUTOFF), 1))
         seen += tl.sum(hit.to(tl.int32), 1)
         start += BLOCK_F
@@ -383,72 +387,74 @@ def _backward_kernel(
 
         # Pixels this face won: I = f_a + w1 (f_b − f_a) + w2 (f_c − f_a) with the pixel fixed.
         hard = lmask & (won == f[:, None])
-        g = tl.load(gfeat_ptr + pix[:, :, None] * D + d[None, None, :],
-                    mask=hard[:, :, None] & (d[None, None, :] < D), other=0.0)
-        g1 = tl.sum(g * df1, 2)
-        g2 = tl.sum(g * df2, 2)
-        rx = px / _M - ax
-        ry = py / _M - ay
-        w1 = (rx * e2y - ry * e2x) / k3
-        w2 = (e1x * ry - e1y * rx) / k3
-        s = g1 * w1 + g2 * w2
-        grad_rx = (g1 * e2y - g2 * e1y) / k3
-        grad_ry = (g2 * e1x - g1 * e2x) / k3
-        grad_bx = (g2 * ry - s * e2y) / k3
-        grad_by = (s * e2x - g2 * rx) / k3
-        grad_cx = (s * e1y - g1 * ry) / k3
-        grad_cy = (g1 * rx - s * e1x) / k3
-        gx0 += tl.where(hard, -(grad_rx + grad_bx + grad_cx), 0.0)
-        gy0 += tl.where(hard, -(grad_ry + grad_by + grad_cy), 0.0)
-        gx1 += tl.where(hard, grad_bx, 0.0)
-        gy1 += tl.where(hard, grad_by, 0.0)
-        gx2 += tl.where(hard, grad_cx, 0.0)
-        gy2 += tl.where(hard, grad_cy, 0.0)
-        gfa += tl.sum(tl.where(hard, 1.0 - w1 - w2, 0.0)[:, :, None] * g, 1)
-        gfb += tl.sum(tl.where(hard, w1, 0.0)[:, :, None] * g, 1)
-        gfc += tl.sum(tl.where(hard, w2, 0.0)[:, :, None] * g, 1)
+        if tl.max(hard.to(tl.int32)) > 0:
+            g = tl.load(gfeat_ptr + pix[:, :, None] * D + d[None, None, :],
+                        mask=hard[:, :, None] & (d[None, None, :] < D), other=0.0)
+            g1 = tl.sum(g * df1, 2)
+            g2 = tl.sum(g * df2, 2)
+            rx = px / _M - ax
+            ry = py / _M - ay
+            w1 = (rx * e2y - ry * e2x) / k3
+            w2 = (e1x * ry - e1y * rx) / k3
+            s = g1 * w1 + g2 * w2
+            grad_rx = (g1 * e2y - g2 * e1y) / k3
+            grad_ry = (g2 * e1x - g1 * e2x) / k3
+            grad_bx = (g2 * ry - s * e2y) / k3
+            grad_by = (s * e2x - g2 * rx) / k3
+            grad_cx = (s * e1y - g1 * ry) / k3
+            grad_cy = (g1 * rx - s * e1x) / k3
+            gx0 += tl.where(hard, -(grad_rx + grad_bx + grad_cx), 0.0)
+            gy0 += tl.where(hard, -(grad_ry + grad_by + grad_cy), 0.0)
+            gx1 += tl.where(hard, grad_bx, 0.0)
+            gy1 += tl.where(hard, grad_by, 0.0)
+            gx2 += tl.where(hard, grad_cx, 0.0)
+            gy2 += tl.where(hard, grad_cy, 0.0)
+            gfa += tl.sum(tl.where(hard, 1.0 - w1 - w2, 0.0)[:, :, None] * g, 1)
+            gfb += tl.sum(tl.where(hard, w1, 0.0)[:, :, None] * g, 1)
+            gfc += tl.sum(tl.where(hard, w2, 0.0)[:, :, None] * g, 1)
 
         # Uncovered pixels where this face is among the first knum candidates (spec §3.2).
         cut = tl.load(cutoff_ptr + pix, mask=lmask, other=-1)
         soft_hit = (lmask & (won < 0) & (f[:, None] <= cut) & (xlo[:, None] <= px) & (px < xhi[:, None])
                     & (ylo[:, None] <= py) & (py < yhi[:, None]))
-        d2, kind = _boundary_distance(px, py, x0, y0, x1, y1, x2, y2,
-                                      inv0[:, None], inv1[:, None], inv2[:, None])
-        prob = tl.exp(d2 * neg_sigma)
-        soft = tl.load(soft_ptr + pix, mask=soft_hit, other=0.0)
-        gsoft = tl.load(gsoft_ptr + pix, mask=soft_hit, other=0.0)
-        # dL/d(d² in NDC²) = gS (1 − S)/(1 − P + eps) · (−σ⁻¹ P), times 1/MULTIPLIER so that
-        # d(d² scaled)/d(v scaled) below gives dL/d(v in NDC); neg_sigma is −σ⁻¹/MULTIPLIER².
-        upstream = gsoft * (1.0 - soft) / (1.0 - prob + _DIST_EPS_C) * prob * neg_sigma * _M
-        # Nearest feature: edge first→second (d² = up² / down, differentiated exactly) or a corner.
-        is_edge = kind < 3
-        first = tl.where(is_edge, kind, kind - 3)
-        second = (first + 1) % 3
-        ax_s = _select(first, x0, x1, x2)
-        ay_s = _select(first, y0, y1, y2)
-        bx_s = _select(second, x0, x1, x2)
-        by_s = _select(second, y0, y1, y2)
-        inv_down = _select(first, inv0[:, None], inv1[:, None], inv2[:, None])
-        ex = bx_s - ax_s
-        ey = by_s - ay_s
-        up = (px - ax_s) * ey - (py - ay_s) * ex
-        line_d2 = up * up * inv_down
-        g1x = tl.where(is_edge, 2.0 * (up * (py - by_s) + line_d2 * ex) * inv_down, 2.0 * (ax_s - px))
-        g1y = tl.where(is_edge, 2.0 * (up * (bx_s - px) + line_d2 * ey) * inv_down, 2.0 * (ay_s - py))
-        g2x = tl.where(is_edge, -2.0 * (up * (py - ay_s) + line_d2 * ex) * inv_down, 0.0)
-        g2y = tl.where(is_edge, -2.0 * (up * (ax_s - px) + line_d2 * ey) * inv_down, 0.0)
-        gx0 += tl.where(soft_hit, upstream * (tl.where(first == 0, g1x, 0.0)
-                                             + tl.where(second == 0, g2x, 0.0)), 0.0)
-        gy0 += tl.where(soft_hit, upstream * (tl.where(first == 0, g1y, 0.0)
-                                             + tl.where(second == 0, g2y, 0.0)), 0.0)
-        gx1 += tl.where(soft_hit, upstream * (tl.where(first == 1, g1x, 0.0)
-                                             + tl.where(second == 1, g2x, 0.0)), 0.0)
-        gy1 += tl.where(soft_hit, upstream * (tl.where(first == 1, g1y, 0.0)
-                                             + tl.where(second == 1, g2y, 0.0)), 0.0)
-        gx2 += tl.where(soft_hit, upstream * (tl.where(first == 2, g1x, 0.0)
-                                             + tl.where(second == 2, g2x, 0.0)), 0.0)
-        gy2 += tl.where(soft_hit, upstream * (tl.where(first == 2, g1y, 0.0)
-                                             + tl.where(second == 2, g2y, 0.0)), 0.0)
+        if tl.max(soft_hit.to(tl.int32)) > 0:
+            d2, kind = _boundary_distance(px, py, x0, y0, x1, y1, x2, y2,
+                                          inv0[:, None], inv1[:, None], inv2[:, None])
+            prob = tl.exp(d2 * neg_sigma)
+            soft = tl.load(soft_ptr + pix, mask=soft_hit, other=0.0)
+            gsoft = tl.load(gsoft_ptr + pix, mask=soft_hit, other=0.0)
+            # dL/d(d² in NDC²) = gS (1 − S)/(1 − P + eps) · (−σ⁻¹ P), times 1/MULTIPLIER so that
+            # d(d² scaled)/d(v scaled) below gives dL/d(v in NDC); neg_sigma is −σ⁻¹/MULTIPLIER².
+            upstream = gsoft * (1.0 - soft) / (1.0 - prob + _DIST_EPS_C) * prob * neg_sigma * _M
+            # Nearest feature: edge first→second (d² = up² / down, differentiated exactly) or a corner.
+            is_edge = kind < 3
+            first = tl.where(is_edge, kind, kind - 3)
+            second = (first + 1) % 3
+            ax_s = _select(first, x0, x1, x2)
+            ay_s = _select(first, y0, y1, y2)
+            bx_s = _select(second, x0, x1, x2)
+            by_s = _select(second, y0, y1, y2)
+            inv_down = _select(first, inv0[:, None], inv1[:, None], inv2[:, None])
+            ex = bx_s - ax_s
+            ey = by_s - ay_s
+            up = (px - ax_s) * ey - (py - ay_s) * ex
+            line_d2 = up * up * inv_down
+            g1x = tl.where(is_edge, 2.0 * (up * (py - by_s) + line_d2 * ex) * inv_down, 2.0 * (ax_s - px))
+            g1y = tl.where(is_edge, 2.0 * (up * (bx_s - px) + line_d2 * ey) * inv_down, 2.0 * (ay_s - py))
+            g2x = tl.where(is_edge, -2.0 * (up * (py - ay_s) + line_d2 * ex) * inv_down, 0.0)
+            g2y = tl.where(is_edge, -2.0 * (up * (ax_s - px) + line_d2 * ey) * inv_down, 0.0)
+            gx0 += tl.where(soft_hit, upstream * (tl.where(first == 0, g1x, 0.0)
+                                                  + tl.where(second == 0, g2x, 0.0)), 0.0)
+            gy0 += tl.where(soft_hit, upstream * (tl.where(first == 0, g1y, 0.0)
+                                                  + tl.where(second == 0, g2y, 0.0)), 0.0)
+            gx1 += tl.where(soft_hit, upstream * (tl.where(first == 1, g1x, 0.0)
+                                                  + tl.where(second == 1, g2x, 0.0)), 0.0)
+            gy1 += tl.where(soft_hit, upstream * (tl.where(first == 1, g1y, 0.0)
+                                                  + tl.where(second == 1, g2y, 0.0)), 0.0)
+            gx2 += tl.where(soft_hit, upstream * (tl.where(first == 2, g1x, 0.0)
+                                                  + tl.where(second == 2, g2x, 0.0)), 0.0)
+            gy2 += tl.where(soft_hit, upstream * (tl.where(first == 2, g1y, 0.0)
+                                                  + tl.where(second == 2, g2y, 0.0)), 0.0)
 
     out = gfvi_ptr + face * 6
     tl.store(out + 0, tl.sum(gx0, 1), mask=fmask)
