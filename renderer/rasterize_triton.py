@@ -2,9 +2,10 @@
 
 `renderer.rasterize.rasterize` calls `rasterize_triton` for CUDA tensors; the plain-PyTorch
 `rasterize_reference` stays the fallback and the test oracle. The semantics are those of
-spec/renderer-math.md §2–§3 (Kaolin v0.12 DIB-R); the arithmetic follows the reference step by
-step (scaled units, float32 pixel centres, IEEE division, no fused multiply-add) so the face index
-maps agree bit for bit.
+spec/renderer-math.md §2–§3 (Kaolin v0.12 DIB-R). The hard pass repeats the reference's arithmetic
+step by step (scaled units, float32 pixel centres, IEEE division, no fused multiply-add), so the
+face index maps and features agree bit for bit; the soft mask and the gradients agree to ~1e-7
+relative (other summation order, reciprocals instead of per-pixel divisions in the distances).
 
 Three kernels:
 
@@ -16,10 +17,15 @@ Three kernels:
   soft silhouette of the uncovered pixels, keeping the first ``knum`` candidates in index order with
   a prefix count. It also records per pixel the index of the last accepted candidate, so the
   backward can tell accepted faces apart without re-counting.
-* `_backward_kernel`, one program per (image, face): it visits the pixels of the face's enlarged
-  box, sums the barycentric gradient of the pixels the face won and the soft-mask gradient of the
-  uncovered pixels where it is a candidate, and writes the face's gradient once. No atomics, so
-  the backward is deterministic: the same inputs give bitwise the same gradients on every run.
+* `_backward_kernel`, one program per (image, block of faces; one face measured fastest): it visits
+  the pixels of each face's enlarged box, sums the barycentric gradient of the pixels the face won
+  and the soft-mask gradient of the uncovered pixels where it is a candidate, and writes the face's
+  gradient once. No atomics, so the backward is deterministic: the same inputs give bitwise the
+  same gradients on every run.
+
+Blocks with nothing to do (only culled faces, no soft candidate, no pixel won) skip their
+arithmetic. Measured by bench/render.py on an H100 (B = 48, 128×128, the 1280-face icosphere,
+float32): forward + backward 0.87 ms and 61 MiB peak, where the reference takes 14 ms and 100 MiB.
 """
 
 import os
@@ -41,7 +47,6 @@ from renderer.rasterize import (
 
 # The reference's constants, as compile-time values for the kernels.
 _M = tl.constexpr(MULTIPLIER)
-_M2 = tl.constexpr(MULTIPLIER * MULTIPLIER)
 _AREA_EPS_C = tl.constexpr(_AREA_EPS)
 _DIST_EPS_C = tl.constexpr(_DIST_EPS)
 _FAR_SQ = tl.constexpr(_FAR_SQ_NDC * MULTIPLIER * MULTIPLIER)
@@ -580,7 +585,7 @@ def rasterize_triton(
     height, width = int(height), int(width)
     batch, num_faces, _, channels = face_features.shape
     tiles = triton.cdiv(height, _TILE_H) * triton.cdiv(width, _TILE_W)
-    if max(batch * height * width * channels, batch * num_faces * 3 * channels, batch * tiles) >= 2**31:
+    if max(batch * height * width * channels, batch * num_faces * 3 * max(channels, 2), batch * tiles) >= 2**31:
         raise ValueError("rasterize_triton indexes with 32 bits; split the batch into smaller ones")
     features, soft_mask, face_idx = _DibrRasterize.apply(
         face_verts_image.contiguous(), face_verts_z.contiguous(), face_features.contiguous(),
