@@ -42,7 +42,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.utils.cpp_extension
 
 from renderer.mesh import Template
 from renderer.rasterize import Rasterized, rasterize_reference
@@ -74,6 +73,7 @@ def nvdiffrast_context():
     """nvdiffrast.torch and a CUDA rasterizer context; the first call builds nvdiffrast's plugin."""
     import nvdiffrast
     import nvdiffrast.torch as dr
+    import torch.utils.cpp_extension
 
     # nvdiffrast builds its plugin with torch.utils.cpp_extension.load and then imports it by name;
     # PyTorch 2 no longer puts the build directory on sys.path, so add it first.
