@@ -3,6 +3,10 @@
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +20,8 @@ from utils.model import build_template
 from utils.options import parse_options
 from utils.trainer import NonFiniteLossError
 from utils.trainer import train as run_training
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # 8 training images at batch 4: two steps per epoch.
 TINY = ["--dataset", "synthetic", "--imageSize", "64", "--batchSize", "4", "--synthetic_train", "8",
@@ -101,3 +107,20 @@ def test_non_finite_losses_skip_steps_then_stop_without_a_bad_checkpoint(tmp_pat
     assert "step skipped" in caplog.text
     ckpt = load_checkpoint(tmp_path / "nan" / "ckpts" / "latest.pt")  # written after epoch 0
     assert all(v.isfinite().all() for v in ckpt["encoder"].values() if v.is_floating_point())
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_saves_a_resumable_checkpoint(tmp_path, data_root):
+    # `timeout`, schedulers and a terminal's Ctrl-C signal the whole process group, loader workers too.
+    args = tiny_args(tmp_path, data_root, "group", "--niter", "50", "--workers", "2")
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    latest = tmp_path / "group" / "ckpts" / "latest.pt"
+    deadline = time.time() + 300
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    assert latest.exists(), "no checkpoint after the first epoch"
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert "continue with --resume" in stderr, stderr[-3000:]
+    ckpt = load_checkpoint(latest)
+    assert ckpt["epoch"] < 50 and ckpt["global_step"] >= 2

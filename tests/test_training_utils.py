@@ -1,12 +1,13 @@
 """Options schema, checkpoints, data order and the template-update arithmetic."""
 
 import argparse
+import signal
 
 import pytest
 import torch
 
 from utils.checkpoints import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
-from utils.data import EpochSampler, SeededItems
+from utils.data import EpochSampler, SeededItems, ignore_stop_signals
 from utils.options import build_parser, derive, load_options, parse_options, save_options
 from utils.template_update import bad_samples, step_template
 
@@ -188,3 +189,13 @@ def test_template_step_rejects_crossings_and_tiny_counts():
     kept = step_template(template, push * 2, 2, lap, reject_crossing=True, **kw)
     assert not kept.accepted and torch.equal(kept.verts, template)
     assert not step_template(template, push, 1, lap, reject_crossing=False, **kw).accepted
+
+
+def test_loader_workers_leave_stop_signals_to_the_main_process():
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        ignore_stop_signals(0)
+        assert all(signal.getsignal(s) is signal.SIG_IGN for s in before)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)

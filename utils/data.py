@@ -10,6 +10,7 @@ exactly where a run stopped, with any number of loader workers.
 from __future__ import annotations
 
 import random
+import signal
 
 import numpy as np
 import torch
@@ -88,3 +89,14 @@ class SeededItems(Dataset):
             random.setstate(states[0])
             np.random.set_state(states[1])
             torch.set_rng_state(states[2])
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: leave Ctrl-C / SIGTERM to the main process.
+
+    A terminal's Ctrl-C (and `timeout`, and most schedulers) signal the whole process group; a worker
+    that died of it would take the training step down with it before the main process could finish
+    the step and save its checkpoint. The main process shuts the workers down itself.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

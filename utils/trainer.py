@@ -34,7 +34,7 @@ from datasets.synthetic import ensure_synthetic
 from networks import Attributes, losses, mode_for_iteration
 from renderer.mesh import save_obj
 from utils.checkpoints import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
-from utils.data import EpochSampler, SeededItems
+from utils.data import EpochSampler, SeededItems, ignore_stop_signals
 from utils.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from utils.metrics import evaluate
 from utils.model import as_image, build_critic, build_encoder, build_template, render_attributes, resolve_device
@@ -165,6 +165,7 @@ class Trainer:
             # Its own generator: creating a loader iterator must not draw from the global RNG, or a
             # resumed run's random stream would be shifted by one draw.
             generator=torch.Generator().manual_seed(o.manualSeed),
+            worker_init_fn=ignore_stop_signals,
         )
 
     def _build_data(self) -> None:
