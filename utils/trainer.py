@@ -89,6 +89,7 @@ class Trainer:
         self.best_iou = -math.inf
         self.bad_streak = 0
         self.stop_requested = False
+        self._last_batch = None
         self.writer = None
         if self.dist.is_main:
             from torch.utils.tensorboard import SummaryWriter
@@ -317,7 +318,7 @@ class Trainer:
         stats.update({f"E/{k}": v.item() for k, v in e_terms.items()})
         stats.update({"D/total": loss_d.item(), "E/total": loss_e.item(), "warm_up": self.warm_up,
                       "mask_iou": 1 - mask_loss.item()})
-        self._last_batch = (x, x_er, x_ir, ae)
+        self._last_batch = (x, x_er.detach(), x_ir.detach(), ae.detach())  # for the epoch's visuals
         return stats
 
     def _skip_step(self, which: str, loss: torch.Tensor) -> dict[str, float]:
@@ -406,7 +407,7 @@ class Trainer:
         self.sched_d.step()
         if self.dist.is_main:
             self.writer.add_scalar("train/lr", self.opt_e.param_groups[0]["lr"], epoch)
-            if epoch % o.vis_every == 0 or epoch == o.niter - 1:
+            if (epoch % o.vis_every == 0 or epoch == o.niter - 1) and self._last_batch is not None:
                 x, x_er, x_ir, ae = self._last_batch
                 save_epoch_visuals(self.run_dir, epoch, x, x_er, x_ir, ae, self.template)
             if epoch % o.eval_every == 0 or epoch == o.niter - 1:
