@@ -10,19 +10,17 @@ it again only does what is missing.
     python prepare_ATR.py --check         # validate data/ATR, change nothing
 """
 
-import argparse
 import sys
-from pathlib import Path
 
 from datasets import DEFAULT_ROOTS
 from datasets.atr import IMAGE_FOLDER, PARSING_FOLDER
 from datasets.prepare import (
     check_atr,
-    fetch_archives,
+    fetch_and_unpack,
     find_folder,
     move_into,
-    parse_drive_ids,
-    unpack_all,
+    prepare_parser,
+    run_check,
     write_atr_lists,
     write_atr_masks,
 )
@@ -34,26 +32,16 @@ MANUAL = ("the processed ATR data ('humanparsing' with JPEGImages/ and Segmentat
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--root", type=Path, default=DEFAULT_ROOTS["atr"],
-                        help="dataset folder (receives JPEGImages/, SegmentationClassAug/, Seg/ and the lists)")
-    parser.add_argument("--download", action="store_true", help="download the archive first (needs its id)")
-    parser.add_argument("--drive_id", action="append", default=[], metavar="ARCHIVE=ID",
-                        help=f"Google Drive id of an archive, one of {sorted(DRIVE_IDS)}")
-    parser.add_argument("--check", action="store_true", help="only validate --root and report problems")
+    parser = prepare_parser(__doc__.splitlines()[0], DEFAULT_ROOTS["atr"],
+                            "dataset folder (receives JPEGImages/, SegmentationClassAug/, Seg/ and the lists)",
+                            DRIVE_IDS)
     args = parser.parse_args(argv)
 
     if args.check:
-        report = check_atr(args.root)
-        report.print(f"ATR tree {args.root}")
-        return 0 if report.ok else 1
+        return run_check(check_atr, args.root, "ATR")
     downloads = args.root / "downloads"
     try:
-        if args.download:
-            fetch_archives(parse_drive_ids(args.drive_id, DRIVE_IDS), downloads, MANUAL)
-        for archive in unpack_all(downloads):
-            print(f"unpacked {archive}")
+        fetch_and_unpack(args, DRIVE_IDS, downloads, MANUAL)
         for folder in (IMAGE_FOLDER, PARSING_FOLDER):
             if not (args.root / folder).is_dir() and downloads.is_dir():
                 move_into(find_folder(downloads, folder), args.root / folder)

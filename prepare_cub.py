@@ -9,19 +9,18 @@ Crops every image and its segmentation to the bounding box grown by 10 % and wri
     python prepare_cub.py --check         # validate data/CUB_Data, change nothing
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 from datasets import DEFAULT_ROOTS
 from datasets.prepare import (
     check_cub,
-    fetch_archives,
+    fetch_and_unpack,
     move_into,
-    parse_drive_ids,
     prepare_cub,
+    prepare_parser,
+    run_check,
     summarize_class_tree,
-    unpack,
 )
 
 DRIVE_IDS: dict[str, str | None] = {"CUB_200_2011.tgz": None, "segmentations.tgz": None}
@@ -31,29 +30,17 @@ MANUAL = ("CUB_200_2011.tgz and segmentations.tgz from the Caltech CUB-200-2011 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--root", type=Path, default=DEFAULT_ROOTS["cub"], help="prepared dataset folder")
+    parser = prepare_parser(__doc__.splitlines()[0], DEFAULT_ROOTS["cub"], "prepared dataset folder", DRIVE_IDS)
     parser.add_argument("--raw", type=Path, default=Path("data/CUB_200_2011"),
                         help="unpacked CUB_200_2011 folder (images/, segmentations/, *.txt)")
     parser.add_argument("--archives", type=Path, default=Path("data"),
                         help="folder holding (or receiving) CUB_200_2011.tgz and segmentations.tgz")
-    parser.add_argument("--download", action="store_true", help="download the archives first (needs ids)")
-    parser.add_argument("--drive_id", action="append", default=[], metavar="ARCHIVE=ID",
-                        help=f"Google Drive id of an archive, one of {sorted(DRIVE_IDS)}")
-    parser.add_argument("--check", action="store_true", help="only validate --root and report problems")
     args = parser.parse_args(argv)
 
     if args.check:
-        report = check_cub(args.root)
-        report.print(f"CUB tree {args.root}")
-        return 0 if report.ok else 1
+        return run_check(check_cub, args.root, "CUB")
     try:
-        if args.download:
-            fetch_archives(parse_drive_ids(args.drive_id, DRIVE_IDS), args.archives, MANUAL)
-        for name in DRIVE_IDS:
-            if (args.archives / name).is_file() and unpack(args.archives / name, args.archives):
-                print(f"unpacked {args.archives / name}")
+        fetch_and_unpack(args, DRIVE_IDS, args.archives, MANUAL, in_place=True)
         move_into(args.archives / "CUB_200_2011", args.raw)
         move_into(args.archives / "segmentations", args.raw / "segmentations")
         counts = prepare_cub(args.raw, args.root)

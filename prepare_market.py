@@ -9,21 +9,19 @@ original script only printed the ratios). Running it again only does what is mis
     python prepare_market.py --check      # validate data/Market, change nothing
 """
 
-import argparse
 import sys
-from pathlib import Path
 
 from datasets import DEFAULT_ROOTS
 from datasets.market import IMAGE_FOLDER, MASK_FOLDER, SPLIT_FOLDERS
 from datasets.prepare import (
     check_market,
-    fetch_archives,
+    fetch_and_unpack,
     find_folder,
     move_into,
     name_market_masks,
-    parse_drive_ids,
+    prepare_parser,
+    run_check,
     summarize_class_tree,
-    unpack_all,
 )
 
 DRIVE_IDS: dict[str, str | None] = {"Market-HQ.zip": None, "Market-Seg-HMR.zip": None}
@@ -33,26 +31,16 @@ MANUAL = ("the Market-HQ images ('pytorch' folder) and Market-Seg-HMR masks link
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--root", type=Path, default=DEFAULT_ROOTS["market"],
-                        help="dataset folder (receives pytorch/ and seg_hmr/; archives go to <root>/downloads)")
-    parser.add_argument("--download", action="store_true", help="download the archives first (needs ids)")
-    parser.add_argument("--drive_id", action="append", default=[], metavar="ARCHIVE=ID",
-                        help=f"Google Drive id of an archive, one of {sorted(DRIVE_IDS)}")
-    parser.add_argument("--check", action="store_true", help="only validate --root and report problems")
+    parser = prepare_parser(__doc__.splitlines()[0], DEFAULT_ROOTS["market"],
+                            "dataset folder (receives pytorch/ and seg_hmr/; archives go to <root>/downloads)",
+                            DRIVE_IDS)
     args = parser.parse_args(argv)
 
     if args.check:
-        report = check_market(args.root)
-        report.print(f"Market tree {args.root}")
-        return 0 if report.ok else 1
+        return run_check(check_market, args.root, "Market")
     downloads = args.root / "downloads"
     try:
-        if args.download:
-            fetch_archives(parse_drive_ids(args.drive_id, DRIVE_IDS), downloads, MANUAL)
-        for archive in unpack_all(downloads):
-            print(f"unpacked {archive}")
+        fetch_and_unpack(args, DRIVE_IDS, downloads, MANUAL)
         for folder in (IMAGE_FOLDER, MASK_FOLDER):
             if not (args.root / folder).is_dir() and downloads.is_dir():
                 move_into(find_folder(downloads, folder, containing=(SPLIT_FOLDERS["test"],)), args.root / folder)

@@ -13,16 +13,19 @@ detected and skipped) and every check is read-only. Shared steps:
   (a marker file records completion), safely (tar "data" filter).
 * `find_folder`, `move_into`: put the unpacked folders where the loaders expect them.
 * `CheckReport` / `check_pairs`: the ``--check`` validation (read-only).
+* `prepare_parser`, `run_check`, `fetch_and_unpack`: the command-line skeleton the three scripts
+  share (flags, the ``--check`` branch, download + unpack).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import tarfile
 import zipfile
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +119,26 @@ def unpack_all(folder: Path) -> list[Path]:
     return [a for a in archives_in(folder) if unpack(a, folder / f"{a.name}.d")]
 
 
+def fetch_and_unpack(args: argparse.Namespace, drive_ids: dict[str, str | None], folder: Path, manual: str,
+                     in_place: bool = False) -> None:
+    """With ``args.download``, fetch the archives missing from ``folder``; then unpack; print each unpacked now.
+
+    ``drive_ids`` (archive name -> id) is updated with the ``--drive_id`` pairs of ``args``. With
+    ``in_place`` only the ``drive_ids`` archives present are unpacked, straight into ``folder`` (CUB's
+    archives hold their own top folder); otherwise every archive in ``folder`` goes to its own
+    ``<name>.d/`` (`unpack_all`). Raises RuntimeError (download) and ValueError (bad ``--drive_id``).
+    """
+    if args.download:
+        fetch_archives(parse_drive_ids(args.drive_id, drive_ids), folder, manual)
+    if in_place:
+        unpacked = [folder / name for name in drive_ids
+                    if (folder / name).is_file() and unpack(folder / name, folder)]
+    else:
+        unpacked = unpack_all(folder)
+    for archive in unpacked:
+        print(f"unpacked {archive}")
+
+
 def find_folder(search_root: Path, name: str, containing: Iterable[str] = ()) -> Path | None:
     """The shallowest folder called ``name`` under ``search_root`` holding every entry in ``containing``."""
     candidates = sorted(search_root.rglob(name), key=lambda p: (len(p.parts), str(p)))
@@ -161,6 +184,28 @@ class CheckReport:
                 print(f"    {path}")
             if len(paths) > examples:
                 print(f"    ... and {len(paths) - examples} more")
+
+
+def prepare_parser(description: str, default_root: Path, root_help: str,
+                   drive_ids: dict[str, str | None]) -> argparse.ArgumentParser:
+    """The flags of every prepare script: ``--root``, ``--download``, ``--drive_id ARCHIVE=ID`` (repeatable,
+    names from ``drive_ids``) and ``--check``; a script adds its own flags to the parser it gets."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--root", type=Path, default=default_root, help=root_help)
+    parser.add_argument("--download", action="store_true",
+                        help="download the missing archives first (needs their Google Drive ids)")
+    parser.add_argument("--drive_id", action="append", default=[], metavar="ARCHIVE=ID",
+                        help=f"Google Drive id of an archive, one of {sorted(drive_ids)}")
+    parser.add_argument("--check", action="store_true", help="only validate --root and report problems")
+    return parser
+
+
+def run_check(check: Callable[[Path], CheckReport], root: Path, name: str) -> int:
+    """The ``--check`` branch: run the read-only ``check`` on ``root``, print its report; exit status
+    0 without problems, else 1."""
+    report = check(root)
+    report.print(f"{name} tree {root}")
+    return 0 if report.ok else 1
 
 
 def check_pairs(samples: Iterable[Sample], report: CheckReport, mask_threshold: int, same_size: bool) -> int:
