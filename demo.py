@@ -19,8 +19,7 @@ from PIL import Image
 from torchvision.utils import save_image
 
 from datasets.common import binarize, fit, to_images
-from utils.metrics import add_run_arguments, open_run
-from utils.model import render_attributes
+from utils.model import add_run_arguments, open_run, render_attributes
 from utils.options import derive
 from utils.visualization import azimuth_sweep, save_meshes, sweep_frames, write_gif
 

@@ -21,8 +21,7 @@ import torch
 from torchvision.utils import save_image
 
 from renderer.mesh import save_obj
-from utils.metrics import add_run_arguments, evaluation_split, open_run
-from utils.model import render_attributes
+from utils.model import add_run_arguments, evaluation_split, open_run, render_attributes
 from utils.options import derive
 from utils.visualization import (
     azimuth_sweep,

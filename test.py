@@ -14,17 +14,8 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 from torchvision.utils import save_image
 
-from utils.metrics import (
-    FID_WEIGHTS_NAME,
-    add_run_arguments,
-    encoder_complexity,
-    evaluate,
-    evaluation_split,
-    load_fid_inception,
-    open_run,
-    whiten,
-)
-from utils.model import build_template
+from utils.metrics import FID_WEIGHTS_NAME, encoder_complexity, evaluate, load_fid_inception, whiten
+from utils.model import add_run_arguments, build_template, evaluation_split, open_run
 from utils.options import derive
 
 CUB_SSIM_UPSCALE = 2

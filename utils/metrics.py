@@ -18,7 +18,6 @@ Conventions (data-eval-vis.md §3.1-§3.3, with the deliberate differences liste
 
 from __future__ import annotations
 
-import argparse
 import io
 from collections.abc import Callable
 from dataclasses import replace
@@ -366,43 +365,3 @@ def evaluate(encoder, loader, template, height: int, width: int, device, *, ssim
         for name in FID_SETS:
             result[f"fid_{name}"] = fid_from_features(real, np.concatenate(features[name]))
     return result
-
-
-# ----------------------------------------------------------------------------- what test.py, show_rainbow2.py
-# and demo.py share: which trained run to open, and its test split
-
-
-def add_run_arguments(parser) -> None:
-    """Add the flags that pick a trained run: --name, --log_root, --checkpoint, --swa, --device."""
-    parser.add_argument("--name", required=True, help="run name; the run folder is <log_root>/<name>")
-    parser.add_argument("--log_root", default="./log", help="folder that holds the run folders")
-    parser.add_argument("--checkpoint", default="best",
-                        help="'best', 'latest' (the run's ckpts/<which>.pt) or the path of a checkpoint file")
-    parser.add_argument("--swa", action=argparse.BooleanOptionalAction, default=False,
-                        help="use the stochastic-weight-averaged encoder of the checkpoint")
-    parser.add_argument("--device", default="auto",
-                        help="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'")
-
-
-def open_run(args):
-    """The `TrainedRun` (encoder in eval mode, learned template) the run flags name; raises
-    FileNotFoundError for an unknown run or a missing checkpoint."""
-    from utils.model import load_run, resolve_device
-
-    return load_run(Path(args.log_root) / args.name, args.checkpoint, resolve_device(args.device), args.swa)
-
-
-def evaluation_split(opts, dataroot: str | None = None):
-    """The test split of a run's dataset, as the trainer evaluates it (no augmentation; ATR runs with
-    --filter_test keep only the test images inside the foreground-ratio window).
-
-    Args:
-        opts: the run's options (`TrainedRun.opts`); dataroot: another dataset folder than the one
-            stored in opts.yaml (the training machine's path).
-    """
-    from datasets import build_dataset
-    from utils.options import derive
-
-    return build_dataset(opts.dataset, root=dataroot or opts.dataroot, split="test",
-                         image_size=opts.imageSize, ratio=opts.ratio, threshold=derive(opts).threshold,
-                         aug=False, bg=opts.bg, filter_test=opts.filter_test)

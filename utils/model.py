@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from datasets import build_dataset
 from networks import AttributeEncoder, Attributes, Discriminator, MultiScaleDiscriminator
 from renderer.mesh import Template
 from renderer.render import RenderOutput, render
@@ -122,3 +123,38 @@ def load_run(run_dir: Path, which: str = "best", device: str = "cpu", swa: bool 
     template = replace(template, verts=encoder.template.detach().clone())
     encoder.to(device).eval()
     return TrainedRun(opts, template.to(device), encoder, ckpt["epoch"], path)
+
+
+# ----------------------------------------------------------------------------- what test.py, show_rainbow2.py
+# and demo.py share: which trained run to open, and its test split
+
+
+def add_run_arguments(parser) -> None:
+    """Add the flags that pick a trained run: --name, --log_root, --checkpoint, --swa, --device."""
+    parser.add_argument("--name", required=True, help="run name; the run folder is <log_root>/<name>")
+    parser.add_argument("--log_root", default="./log", help="folder that holds the run folders")
+    parser.add_argument("--checkpoint", default="best",
+                        help="'best', 'latest' (the run's ckpts/<which>.pt) or the path of a checkpoint file")
+    parser.add_argument("--swa", action=argparse.BooleanOptionalAction, default=False,
+                        help="use the stochastic-weight-averaged encoder of the checkpoint")
+    parser.add_argument("--device", default="auto",
+                        help="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'")
+
+
+def open_run(args):
+    """The `TrainedRun` (encoder in eval mode, learned template) the run flags name; raises
+    FileNotFoundError for an unknown run or a missing checkpoint."""
+    return load_run(Path(args.log_root) / args.name, args.checkpoint, resolve_device(args.device), args.swa)
+
+
+def evaluation_split(opts, dataroot: str | None = None):
+    """The test split of a run's dataset, as the trainer evaluates it (no augmentation; ATR runs with
+    --filter_test keep only the test images inside the foreground-ratio window).
+
+    Args:
+        opts: the run's options (`TrainedRun.opts`); dataroot: another dataset folder than the one
+            stored in opts.yaml (the training machine's path).
+    """
+    return build_dataset(opts.dataset, root=dataroot or opts.dataroot, split="test",
+                         image_size=opts.imageSize, ratio=opts.ratio, threshold=derive(opts).threshold,
+                         aug=False, bg=opts.bg, filter_test=opts.filter_test)
