@@ -40,9 +40,11 @@ from torchvision.models.inception import (
     InceptionE,
 )
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+from tqdm import tqdm
 
 from networks.losses import chamfer_distance
 from renderer.shading import mask_iou
+from utils.model import render_attributes
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 """The pytorch-fid release file `--inception` expects (torchvision Inception-v3 layout, 1008 classes)."""
@@ -269,8 +271,6 @@ def _fid_views(attrs, template, height: int, width: int, azi_scope: float,
                generator: torch.Generator) -> dict[str, torch.Tensor]:
     """The novel views the rotation FIDs use (RGB on white): a uniformly random azimuth and that + 90
     (`rotation`), the predicted azimuth +90 and -90 (`rotation90`); 2B images each."""
-    from utils.model import render_attributes
-
     batch, device = attrs.batch_size, attrs.azimuth_deg.device
     random_az = -(torch.rand(batch, generator=generator) * azi_scope - azi_scope / 2).to(device)
     azimuths = {"rotation": (random_az, random_az + 90),
@@ -303,10 +303,6 @@ def evaluate(encoder, loader, template, height: int, width: int, device, *, ssim
     rescaled to the ground truth's RMS radius), `azimuth_err_deg`, `azimuth_err_mirror_deg`,
     `elevation_err_deg`, `distance_err` and `offset_err` (Euclidean, of the look-at point).
     """
-    from tqdm import tqdm
-
-    from utils.model import render_attributes
-
     def prepare(images: torch.Tensor) -> torch.Tensor:
         return jpeg_round_trip(images) if jpeg else images
 

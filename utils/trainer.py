@@ -37,7 +37,15 @@ from utils.checkpoints import load_checkpoint, rng_state, save_checkpoint, seed_
 from utils.data import EpochSampler, SeededItems, ignore_stop_signals
 from utils.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from utils.metrics import evaluate
-from utils.model import as_image, build_critic, build_encoder, build_template, render_attributes, resolve_device
+from utils.model import (
+    as_image,
+    build_critic,
+    build_encoder,
+    build_template,
+    evaluation_split,
+    render_attributes,
+    resolve_device,
+)
 from utils.options import derive, save_options
 from utils.template_update import bad_samples, step_template
 from utils.visualization import save_epoch_visuals
@@ -186,7 +194,7 @@ class Trainer:
         self.clean_sampler = EpochSampler(len(clean), o.batchSize, o.manualSeed, shuffle=False,
                                           rank=self.dist.rank, world_size=self.dist.world_size)
         self.clean_loader = self._loader(clean, sampler=self.clean_sampler)
-        self.test_loader = self._loader(self._dataset("test", d.threshold, aug=False)) if self.dist.is_main else None
+        self.test_loader = self._loader(evaluation_split(o)) if self.dist.is_main else None
         if self.dist.is_main:
             log.info("data: %d train, %d clean, %d test images", len(train), len(clean), len(self.test_loader.dataset))
 

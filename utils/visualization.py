@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
 from renderer.mesh import save_obj
+from utils.model import render_attributes
 
 FRAME_MS = 100
 AZIMUTH_STEP_DEG = 10
@@ -58,8 +59,6 @@ def grid_columns(height: int, width: int) -> int:
 def sweep_frames(attrs, template, height: int, width: int, changes: Sequence[dict],
                  nrow: int) -> list[np.ndarray]:
     """Render one grid frame per entry of `changes` (field -> (B,...) tensor replacing that camera field)."""
-    from utils.model import render_attributes
-
     frames = []
     for change in changes:
         out = render_attributes(replace(attrs, **change), template, height, width)
@@ -121,8 +120,6 @@ def rainbow_frames(inputs: torch.Tensor, attrs, template, height: int, width: in
     Returns:
         (H',W',3) uint8 frames.
     """
-    from utils.model import render_attributes
-
     n = min(RAINBOW_SOURCES, attrs.batch_size)
     index = torch.arange(n, device=attrs.azimuth_deg.device)
     texture_donor, shape_donor = index.repeat_interleave(n), index.repeat(n)
