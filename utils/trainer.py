@@ -491,25 +491,31 @@ class Trainer:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         return bool(flag.item())
 
-    def _state(self, rng: bool = True) -> dict:
-        return {
+    def _state(self, resumable: bool = True) -> dict:
+        """What a checkpoint holds. The best one is for evaluation only (load_run reads the encoders and
+        the epoch), so it leaves out the critic, optimiser, scheduler and RNG states: a third of the size."""
+        state = {
             "epoch": self.epoch,
-            "next_batch": self.start_batch,
             "global_step": self.global_step,
             "encoder": self.encoder.state_dict(),
-            "critic": self.critic.state_dict(),
-            "opt_encoder": self.opt_e.state_dict(),
-            "opt_critic": self.opt_d.state_dict(),
-            "sched_encoder": self.sched_e.state_dict(),
-            "sched_critic": self.sched_d.state_dict(),
-            **({"swa_encoder": self.swa.module.state_dict(), "swa_state": self.swa.state_dict()}
-               if self.swa is not None else {}),
+            **({"swa_encoder": self.swa.module.state_dict()} if self.swa is not None else {}),
             "template": self.template.verts.detach().cpu(),
-            "warm_up": self.warm_up,
-            "em_step": self.em_step,
             "best_iou": self.best_iou,
-            **({"rng": self._all_rng_states()} if rng else {}),
         }
+        if resumable:
+            state.update({
+                "next_batch": self.start_batch,
+                "critic": self.critic.state_dict(),
+                "opt_encoder": self.opt_e.state_dict(),
+                "opt_critic": self.opt_d.state_dict(),
+                "sched_encoder": self.sched_e.state_dict(),
+                "sched_critic": self.sched_d.state_dict(),
+                **({"swa_state": self.swa.state_dict()} if self.swa is not None else {}),
+                "warm_up": self.warm_up,
+                "em_step": self.em_step,
+                "rng": self._all_rng_states(),
+            })
+        return state
 
     def _all_rng_states(self) -> list[dict]:
         """Every rank's generator states (collective: all ranks must call it), indexed by rank."""
@@ -522,7 +528,7 @@ class Trainer:
     def _save(self, reason: str) -> None:
         # Resumable checkpoints gather every rank's RNG state (collective); the best one, saved by
         # rank 0 alone after its evaluation, is for evaluation only.
-        state = self._state(rng=reason != "best")
+        state = self._state(resumable=reason != "best")
         if not self.dist.is_main:
             return
         bad = [n for n, p in self.encoder.state_dict().items() if p.is_floating_point() and not p.isfinite().all()]
