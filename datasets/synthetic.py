@@ -9,10 +9,12 @@ Generation (`ensure_synthetic`), deterministic from the seed on a given device (
 
 * shapes: ``num_classes`` families; family k has three pairs of Gaussian radial bumps, each pair
   mirrored through z = 0 (centres ``c`` and ``c * (1, 1, -1)``), and per-axis scales; every image
-  jitters its family's amplitudes and scales. Vertices are ``T * scale * exp(sum_j a_j b_j(n))`` with
-  ``n`` the template direction, centred in x and y, shrunk to the template's extent (|x|, |y| <= 0.9)
-  and kept within 0.45 of the template per coordinate (reachable by the model's 0.5·tanh offsets); the
-  mesh is exactly z-symmetric (``verts[flip_index] == verts * (1, 1, -1)``) and smooth;
+  jitters its family's amplitudes and scales. Every family shares a body plan ``h`` (`BODY_PLAN`: a
+  head at +x, a tail at -x) that fixes the object's front. Vertices are
+  ``T * scale * exp(sum_j a_j b_j(n) + h(n))`` with ``n`` the template direction, centred in x and
+  y, shrunk to the template's extent (|x|, |y| <= 0.9) and kept within 0.45 of the template per
+  coordinate (reachable by the model's 0.5·tanh offsets); the mesh is exactly z-symmetric
+  (``verts[flip_index] == verts * (1, 1, -1)``) and smooth;
 * textures: (3, 2H, W) like the model's, the upper half a smooth blend of two random colours, the
   lower half its vertical mirror (so front and back read the same texels, as in the model);
 * light: ``L0 = 3 + U(-0.25, 0.25)``, ``L1..L8 = U(-0.1, 0.1)`` (inside the light encoder's range);
@@ -65,13 +67,21 @@ MANIFEST = "manifest.json"
 GT_FILE = "gt.npz"
 GT_KEYS = ("verts", "azimuth_deg", "elevation_deg", "distance", "offset", "light")
 """Per-image ground-truth arrays in ``gt.npz`` (besides ``stems`` and ``labels``) and item keys."""
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 NDC_LIMIT = 0.9
 """Every vertex of an accepted camera projects inside [-NDC_LIMIT, NDC_LIMIT]^2."""
 NEAR = 0.1
 """Every vertex of an accepted camera is at least this far in front of it."""
 MAX_CAMERA_ROUNDS = 1000
 NUM_BUMPS = 3
+BODY_PLAN = (
+    # (direction in the symmetry plane z = 0, width, log-radius amplitude): a raised head at +x and a
+    # smaller tail at -x, shared by every family, as birds share theirs. Without an asymmetry along x
+    # the azimuth can hardly be read from an image, even by a supervised camera encoder
+    # (bench/synthetic_camera.py).
+    ((0.75, 0.6, 0.0), 0.3, 0.55),
+    ((-1.0, 0.15, 0.0), 0.3, 0.3),
+)
 MAX_OFFSET = 0.45
 """Largest per-coordinate vertex offset from the template (the shape encoder reaches 0.5 tanh)."""
 HINT = "generate it with datasets.synthetic.ensure_synthetic (`python train.py --dataset synthetic` does)"
@@ -157,6 +167,15 @@ class ShapeFamilies:
         )
 
 
+def body_plan(directions: Tensor) -> Tensor:
+    """(V,) log-radius field of `BODY_PLAN` at unit ``directions`` (V, 3); z-symmetric by construction."""
+    field = torch.zeros(len(directions))
+    for centre, width, amplitude in BODY_PLAN:
+        c = torch.tensor(centre) / torch.tensor(centre).norm()
+        field += amplitude * torch.exp(-((directions - c) ** 2).sum(-1) / (2 * width**2))
+    return field
+
+
 def random_shapes(template_verts: Tensor, families: ShapeFamilies, labels: Tensor,
                   generator: torch.Generator) -> Tensor:
     """Smooth, z-symmetric deformations of the template, one per label.
@@ -182,7 +201,7 @@ def random_shapes(template_verts: Tensor, families: ShapeFamilies, labels: Tenso
         return torch.exp(-dist2 / (2 * widths**2))
 
     bumps = bump(centres) + bump(centres * mirror)
-    radius = torch.exp((bumps * amplitudes[:, None, :]).sum(-1))  # (N, V)
+    radius = torch.exp((bumps * amplitudes[:, None, :]).sum(-1) + body_plan(directions))  # (N, V)
     verts = template_verts[None] * scales[:, None, :] * radius[..., None]
     xy = verts[..., :2] - verts[..., :2].mean(dim=1, keepdim=True)
     verts = torch.cat([xy, verts[..., 2:]], dim=-1)

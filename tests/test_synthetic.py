@@ -11,10 +11,13 @@ import datasets.synthetic as synthetic
 from datasets import build_dataset
 from datasets.synthetic import (
     MANIFEST,
+    ShapeFamilies,
     SyntheticConfig,
     SyntheticDataset,
+    body_plan,
     ensure_synthetic,
     random_cameras,
+    random_shapes,
     random_textures,
 )
 from renderer.camera import FOVY_RAD, camera_transform, perspective_projection, project, world_to_camera
@@ -97,6 +100,26 @@ def test_items_carry_consistent_ground_truth(tiny_root):
                      item["light"][None], 32, 32)
         assert torch.equal((out.face_idx[0] >= 0).float(), item["images"][3])
         assert item["images"][3].sum() > 0
+
+
+def test_every_shape_has_the_shared_head_and_tail():
+    template = Template.icosphere()
+    directions = template.verts / template.verts.norm(dim=-1, keepdim=True)
+    field = body_plan(directions)
+    assert torch.equal(field[template.flip_index], field)  # keeps the shapes exactly z-symmetric
+    head = torch.tensor([0.75, 0.6, 0.0]) / torch.tensor([0.75, 0.6, 0.0]).norm()
+    # Largest at the vertex nearest the head direction: the head amplitude (0.55) plus a trace of the tail.
+    assert field.argmax() == (directions @ head).argmax()
+    assert 0.5 < field.max() <= 0.55 + 1e-3
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.arange(256) % 8
+    verts = random_shapes(template.verts, ShapeFamilies.draw(8, generator), labels, generator)
+    rows = torch.arange(len(verts))
+    front_y = verts[rows, verts[..., 0].argmax(dim=1), 1]  # height of each shape's front-most vertex
+    back_y = verts[rows, verts[..., 0].argmin(dim=1), 1]
+    # Whatever the family's own bumps, the front is raised (the head) and higher than the back.
+    assert front_y.min() > 0.25
+    assert (front_y > back_y).float().mean() > 0.95
 
 
 def test_white_and_gradient_backgrounds(tmp_path, tiny_root):
