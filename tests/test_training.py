@@ -47,6 +47,9 @@ def test_each_training_script_runs_two_iterations(script, tmp_path, data_root):
     assert ckpt["epoch"] == 1 and ckpt["global_step"] == 2
     for name in ("opts.yaml", "log.txt", "metrics.jsonl", "ckpts/best.pt", "ckpts/latest_template.obj"):
         assert (run / name).is_file(), name
+    best = load_checkpoint(run / "ckpts" / "best.pt")  # for evaluation: weights and template, no training state
+    assert {"encoder", "swa_encoder", "template", "epoch"} <= set(best) and not {"opt_encoder", "rng"} & set(best)
+    assert (run / "ckpts" / "best.pt").stat().st_size < (run / "ckpts" / "latest.pt").stat().st_size / 2
     metrics = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert 0.0 <= metrics["mask_iou"] <= 1.0 and 0.0 < metrics["chamfer_template"]
     assert any((run / "visuals").glob("epoch_000_rotation.gif"))
