@@ -20,6 +20,7 @@ import torch
 
 from datasets.synthetic import SyntheticDataset, ensure_synthetic
 from networks.encoders import CameraEncoder
+from networks.losses import angle_xy
 from renderer.mesh import Template
 from utils.metrics import azimuth_error
 
@@ -31,11 +32,6 @@ def load_split(root, split: str, image_size: int, device: str) -> dict[str, torc
     dataset = SyntheticDataset(root, split, image_size, 1.0)
     items = [dataset[i] for i in range(len(dataset))]
     return {k: torch.stack([torch.as_tensor(item[k]) for item in items]).to(device) for k in KEYS}
-
-
-def angle_xy(deg: torch.Tensor) -> torch.Tensor:
-    rad = torch.deg2rad(deg)
-    return torch.stack([rad.cos(), rad.sin()], dim=-1)
 
 
 def main(argv=None) -> int:

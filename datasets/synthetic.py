@@ -171,7 +171,8 @@ def body_plan(directions: Tensor) -> Tensor:
     """(V,) log-radius field of `BODY_PLAN` at unit ``directions`` (V, 3); z-symmetric by construction."""
     field = torch.zeros(len(directions))
     for centre, width, amplitude in BODY_PLAN:
-        c = torch.tensor(centre) / torch.tensor(centre).norm()
+        c = torch.tensor(centre)
+        c = c / c.norm()
         field += amplitude * torch.exp(-((directions - c) ** 2).sum(-1) / (2 * width**2))
     return field
 

@@ -200,7 +200,8 @@ def chamfer_distance(x: Tensor, y: Tensor, per_sample: bool = False) -> Tensor:
     return distance if per_sample else distance.mean()
 
 
-def _angle_xy(angle_deg: Tensor) -> Tensor:
+def angle_xy(angle_deg: Tensor) -> Tensor:
+    """(B,) angles in degrees -> (B, 2) (cos, sin): a distance between these ignores the 360-degree wrap."""
     radians = torch.deg2rad(angle_deg)
     return torch.stack([torch.cos(radians), torch.sin(radians)], dim=1)  # (B,2)
 
@@ -221,8 +222,8 @@ def attribute_cycle_loss(pred: Attributes, target: Attributes, azim_weight: floa
     target = target.detach()
     d: Callable[[Tensor, Tensor], Tensor] = (
         (lambda a, b: (a - b).abs().mean()) if l1 else (lambda a, b: (a - b).pow(2).mean()))
-    camera = (azim_weight * d(_angle_xy(pred.azimuth_deg), _angle_xy(target.azimuth_deg))
-              + d(_angle_xy(pred.elevation_deg), _angle_xy(target.elevation_deg))
+    camera = (azim_weight * d(angle_xy(pred.azimuth_deg), angle_xy(target.azimuth_deg))
+              + d(angle_xy(pred.elevation_deg), angle_xy(target.elevation_deg))
               + d(pred.distance, target.distance))
     shape = chamfer_distance(pred.verts, target.verts) if chamfer else d(pred.verts, target.verts)
     return (camera + shape + d(pred.texture, target.texture) + 0.1 * d(pred.light, target.light)
