@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import ctypes
 import functools
-import importlib
 import importlib.util
 import os
 import statistics
@@ -43,11 +42,9 @@ from dataclasses import dataclass
 
 import torch
 
+import renderer.render
 from renderer.mesh import Template
 from renderer.rasterize import Rasterized, rasterize_reference
-
-# the module itself: the package re-exports its `render` function under the same name
-render_module = importlib.import_module("renderer.render")
 
 
 @dataclass(frozen=True)
@@ -125,12 +122,12 @@ BACKENDS = [
 @contextlib.contextmanager
 def rasterizing_with(backend: Backend) -> Iterator[None]:
     """Make `renderer.render.render` call this backend's rasterizer instead of the dispatching entry."""
-    original = render_module.rasterize
-    render_module.rasterize = backend.rasterize
+    original = renderer.render.rasterize
+    renderer.render.rasterize = backend.rasterize
     try:
         yield
     finally:
-        render_module.rasterize = original
+        renderer.render.rasterize = original
 
 
 def make_scene(template: Template, batch: int, height: int, width: int, device: torch.device,
@@ -158,7 +155,7 @@ def make_scene(template: Template, batch: int, height: int, width: int, device: 
 
 
 def forward_backward(scene: dict) -> None:
-    out = render_module.render(**scene)
+    out = renderer.render.render(**scene)
     (out.rgb.mean() + out.silhouette.mean()).backward()
     scene["verts"].grad = None
     scene["texture"].grad = None
@@ -169,7 +166,7 @@ def rasterizer_step(backend: Backend, scene: dict) -> Callable[[], None]:
     captured = []
     with rasterizing_with(Backend("capture", lambda *args: captured.append(args) or backend.rasterize(*args),
                                   backend.devices)):
-        render_module.render(**scene)
+        renderer.render.render(**scene)
     face_verts_image, face_verts_z, face_features, face_normals_z, height, width = captured[0]
     face_verts_image = face_verts_image.detach().requires_grad_(True)
     face_features = face_features.detach().requires_grad_(True)

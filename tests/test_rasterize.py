@@ -1,15 +1,12 @@
 """DIB-R rasterizer reference against hand-computed values and spec/renderer-math.md §6 (T2, T3, T5, T6)."""
 
-import importlib
 import math
 
 import pytest
 import torch
 
+import renderer.rasterize
 from renderer.rasterize import rasterize, rasterize_reference
-
-# the module itself: the package re-exports its `rasterize` function under the same name
-rasterize_module = importlib.import_module("renderer.rasterize")
 
 F64 = torch.float64
 DTYPES = [torch.float32, torch.float64]
@@ -333,7 +330,7 @@ def test_chunked_enumeration_matches_one_chunk(monkeypatch):
         return out, verts.grad, features.grad
 
     whole, whole_verts, whole_features = run()
-    monkeypatch.setattr(rasterize_module, "_PAIRS_PER_CHUNK", 7)
+    monkeypatch.setattr(renderer.rasterize, "_PAIRS_PER_CHUNK", 7)
     chunked, chunked_verts, chunked_features = run()
     assert torch.equal(whole.face_idx, chunked.face_idx)
     assert torch.equal(whole.features, chunked.features)
