@@ -35,9 +35,9 @@ import torch
 from torch import Tensor
 
 MULTIPLIER = 1000.0  # Kaolin's internal scale of NDC coordinates; it only changes rounding
-_AREA_EPS = 1e-8  # added with the sign of the doubled area: scaled units (forward), NDC (backward)
-_DIST_EPS = 1e-7  # Kaolin's tiny term in the soft-mask denominators (scaled units)
-_FAR_SQ_NDC = 4.0  # squared distance used for an edge whose perpendicular foot is off the segment
+AREA_EPS = 1e-8  # added with the sign of the doubled area: scaled units (forward), NDC (backward)
+DIST_EPS = 1e-7  # Kaolin's tiny term in the soft-mask denominators (scaled units)
+FAR_SQ_NDC = 4.0  # squared distance used for an edge whose perpendicular foot is off the segment
 _RANGE_SLACK = 1e-3  # pixels: widens the integer ranges so rounding can never drop a pixel
 _PAIRS_PER_CHUNK = 1 << 20  # bounds the temporaries: roughly 150 bytes per pair in float32
 
@@ -135,8 +135,8 @@ def rasterize_reference(
     106 MiB on CUDA for this function alone (134 MiB for the whole `render`), where Kaolin's
     per-pixel candidate buffer alone takes 390 B/px, i.e. 293 MiB.
     """
-    _check_inputs(face_verts_image, face_verts_z, face_features, face_normals_z, height, width,
-                  sigma_inv, box_len, knum)
+    check_inputs(face_verts_image, face_verts_z, face_features, face_normals_z, height, width,
+                 sigma_inv, box_len, knum)
     batch, num_faces = face_normals_z.shape
     height, width = int(height), int(width)
     dtype, device = face_verts_image.dtype, face_verts_image.device
@@ -162,8 +162,8 @@ def rasterize_reference(
     )
 
 
-def _check_inputs(face_verts_image, face_verts_z, face_features, face_normals_z, height, width,
-                  sigma_inv, box_len, knum) -> None:
+def check_inputs(face_verts_image, face_verts_z, face_features, face_normals_z, height, width,
+                 sigma_inv, box_len, knum) -> None:
     """Raise ValueError/TypeError with a fix for inputs that do not follow the documented contract."""
     if face_verts_image.dim() != 4 or face_verts_image.shape[2:] != (3, 2):
         raise ValueError(f"face_verts_image must be (B, F, 3, 2), got {tuple(face_verts_image.shape)}")
@@ -318,7 +318,7 @@ def _nearest_faces(verts: Tensor, verts_z: Tensor, active: Tensor, grid: _Grid) 
         w1 = cx * ay - cy * ax
         w2 = ax * by - ay * bx
         area = w0 + w1 + w2
-        area = area + torch.copysign(torch.full_like(area, _AREA_EPS), area)
+        area = area + torch.copysign(torch.full_like(area, AREA_EPS), area)
         weights = torch.stack((w0, w1, w2), dim=1) / area[:, None]
         inside = (weights >= 0).all(1)
         owner, pix, weights = owner[inside], pix[inside], weights[inside]
@@ -382,7 +382,7 @@ class _InterpolateFeatures(torch.autograd.Function):
             p = ctx.grid.centres(pix) / MULTIPLIER
             e1, e2, r = v[:, 1] - v[:, 0], v[:, 2] - v[:, 0], p - v[:, 0]
             k3 = _cross(e1, e2)
-            k3 = (k3 + torch.copysign(torch.full_like(k3, _AREA_EPS), k3))[:, None]
+            k3 = (k3 + torch.copysign(torch.full_like(k3, AREA_EPS), k3))[:, None]
             w1, w2 = _cross(r, e2)[:, None] / k3, _cross(e1, r)[:, None] / k3
             g1 = (g * (f[:, 1] - f[:, 0])).sum(-1)[:, None]
             g2 = (g * (f[:, 2] - f[:, 0])).sum(-1)[:, None]
@@ -444,11 +444,11 @@ def _nearest_feature(v: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
     e = v2 - v1
     rel = p[:, None] - v1
     up = _cross(rel, e)
-    down = (e * e).sum(-1) + _DIST_EPS
+    down = (e * e).sum(-1) + DIST_EPS
     # foot of the perpendicular; a zero-length edge puts it at the origin, which is off the "segment"
     foot = ((e * e).sum(-1)[..., None] * p[:, None] - up[..., None] * _perp(e)) / down[..., None]
     on_segment = ((foot - v1) * (foot - v2)).sum(-1) <= 0
-    far = _FAR_SQ_NDC * MULTIPLIER * MULTIPLIER
+    far = FAR_SQ_NDC * MULTIPLIER * MULTIPLIER
     edge_d2 = torch.where(on_segment, up * up / down, torch.full_like(up, far))
     corner_d2 = (rel * rel).sum(-1)
     d2, kind = torch.cat((edge_d2, corner_d2), dim=1).min(dim=1)
@@ -468,7 +468,7 @@ def _distance_gradient(v: Tensor, p: Tensor, kind: Tensor) -> tuple[Tensor, Tens
     v1, v2 = v[rows, first], v[rows, second]
     e = v2 - v1
     up = _cross(p - v1, e)[:, None]
-    down = (e * e).sum(-1, keepdim=True) + _DIST_EPS
+    down = (e * e).sum(-1, keepdim=True) + DIST_EPS
     d2 = up * up / down
     edge_g1 = 2 * (up * _perp(p - v2) + d2 * e) / down
     edge_g2 = -2 * (up * _perp(p - v1) + d2 * e) / down
@@ -500,7 +500,7 @@ class _SoftMask(torch.autograd.Function):
         outside.scatter_reduce_(0, pix, 1 - prob, "prod")
         soft_mask = torch.where(covered, torch.ones_like(outside), 1 - outside)
         # dS/d(d2_ndc) = -sigma_inv P prod_{g != f}(1 - P_g), with Kaolin's (1 - S)/(1 - P + 1e-7) form
-        slope = -sigma_inv * prob * outside[pix] / (1 - prob + _DIST_EPS)
+        slope = -sigma_inv * prob * outside[pix] / (1 - prob + DIST_EPS)
         live = slope != 0
         ctx.save_for_backward(face_verts_image, pix[live], face[live], kind[live].to(torch.uint8),
                               slope[live])

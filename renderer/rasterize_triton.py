@@ -37,19 +37,19 @@ import triton.language as tl
 from torch import Tensor
 
 from renderer.rasterize import (
-    _AREA_EPS,
-    _DIST_EPS,
-    _FAR_SQ_NDC,
+    AREA_EPS,
+    DIST_EPS,
+    FAR_SQ_NDC,
     MULTIPLIER,
     Rasterized,
-    _check_inputs,
+    check_inputs,
 )
 
 # The reference's constants, as compile-time values for the kernels.
 _M = tl.constexpr(MULTIPLIER)
-_AREA_EPS_C = tl.constexpr(_AREA_EPS)
-_DIST_EPS_C = tl.constexpr(_DIST_EPS)
-_FAR_SQ = tl.constexpr(_FAR_SQ_NDC * MULTIPLIER * MULTIPLIER)
+_AREA_EPS_C = tl.constexpr(AREA_EPS)
+_DIST_EPS_C = tl.constexpr(DIST_EPS)
+_FAR_SQ = tl.constexpr(FAR_SQ_NDC * MULTIPLIER * MULTIPLIER)
 _NO_CUTOFF = tl.constexpr(2**31 - 1)  # fewer than knum candidates: every one is accepted
 
 # Launch shapes: forward pixel tiles of 8 x 16 and faces in blocks; backward blocks of faces x
@@ -577,8 +577,8 @@ def rasterize_triton(
         face_idx (B, H, W) int64 (−1 on background). Gradients reach face_verts_image and
         face_features; the backward uses no atomics and is bitwise deterministic.
     """
-    _check_inputs(face_verts_image, face_verts_z, face_features, face_normals_z, height, width,
-                  sigma_inv, box_len, knum)
+    check_inputs(face_verts_image, face_verts_z, face_features, face_normals_z, height, width,
+                 sigma_inv, box_len, knum)
     if face_verts_image.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"rasterize_triton needs CUDA tensors, got {face_verts_image.device}; call "
                          "renderer.rasterize.rasterize, which runs the reference on other devices")
