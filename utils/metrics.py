@@ -89,7 +89,8 @@ def wrap_degrees(angle: torch.Tensor) -> torch.Tensor:
 def azimuth_error(pred_deg: torch.Tensor, true_deg: torch.Tensor, mirror: bool = False) -> torch.Tensor:
     """Absolute azimuth error in degrees, (B,). With `mirror`, the front/back mirror image of the
     prediction (azimuth a -> 180 - a, the view through the z = 0 plane) counts as correct too: a
-    front/back-symmetric object seen from a and from 180 - a looks the same."""
+    front/back-symmetric object seen from 180 - a gives the left-right flipped image of the view from
+    a, which a single silhouette hardly tells apart."""
     err = wrap_degrees(pred_deg - true_deg).abs()
     if mirror:
         err = torch.minimum(err, wrap_degrees(180.0 - pred_deg - true_deg).abs())
