@@ -19,6 +19,7 @@ import demo
 import show_rainbow2
 from networks.losses import chamfer_distance
 from renderer.mesh import Template
+from renderer.render import render
 from renderer.shading import mask_iou
 from utils.checkpoints import load_checkpoint
 from utils.metrics import (
@@ -29,8 +30,10 @@ from utils.metrics import (
     encoder_complexity,
     feature_statistics,
     fid_from_features,
+    frame_alignment,
     frechet_distance,
     load_fid_inception,
+    rotate_y,
     scaled_like,
     ssim,
 )
@@ -111,6 +114,39 @@ def test_chamfer_of_a_mesh_with_itself_is_zero_and_of_two_points_the_squared_dis
     assert chamfer_distance(scaled_like(2.5 * verts, verts), verts).item() == pytest.approx(0.0, abs=1e-12)
     a, b = torch.zeros(1, 1, 3), torch.tensor([[[0.0, 0.0, 2.0]]])
     assert chamfer_distance(a, b).item() == pytest.approx(8.0)  # 4 each way
+
+
+def test_a_turned_object_seen_from_the_turned_azimuth_looks_the_same():
+    template = Template.icosphere(subdivisions=2)
+    verts = template.verts * torch.tensor([1.0, 0.8, 0.5]) + 0.3 * template.verts[:, :1].clamp_min(0) ** 2
+
+    def silhouette(v, azimuth):
+        return render(v[None], template.faces, template.face_uvs, torch.tensor([azimuth]), torch.tensor([20.0]),
+                      torch.tensor([3.0]), torch.zeros(1, 2), torch.full((1, 3, 8, 8), 0.5),
+                      torch.zeros(1, 9), 32, 32).silhouette
+
+    seen = silhouette(verts, 30.0)
+    assert torch.allclose(silhouette(rotate_y(verts, 50.0), 80.0), seen, atol=1e-4)
+    assert not torch.allclose(silhouette(verts, 80.0), seen, atol=1e-2)
+
+
+def test_frame_alignment_finds_the_one_turn_of_the_whole_split():
+    template = Template.icosphere(subdivisions=2)
+    generator = torch.Generator().manual_seed(0)
+    head = 0.4 * template.verts[:, :1].clamp_min(0) ** 2  # an asymmetry along x fixes the turn
+    gt = centred(torch.stack([template.verts * (1 + 0.2 * torch.rand(3, generator=generator)) + head
+                              for _ in range(6)]))
+    gt_az = torch.rand(6, generator=generator) * 360 - 180
+    turned = frame_alignment(rotate_y(gt, 135.0), gt, gt_az + 135.0, gt_az)
+    assert turned["frame_turn_deg"] == 135.0
+    assert turned["chamfer_aligned"] == pytest.approx(0.0, abs=1e-10)
+    assert turned["chamfer_scaled_aligned"] == pytest.approx(0.0, abs=1e-10)
+    assert turned["azimuth_err_aligned_deg"] == pytest.approx(0.0, abs=1e-3)
+    # twice as large and cameras 10 degrees off: only the scale-aligned Chamfer forgives the size
+    off = frame_alignment(2 * gt, gt, gt_az + 10.0, gt_az)
+    assert off["frame_turn_deg"] == 0.0 and off["azimuth_err_aligned_deg"] == pytest.approx(10.0, abs=1e-3)
+    assert off["chamfer_scaled_aligned"] == pytest.approx(0.0, abs=1e-10)
+    assert off["chamfer_aligned"] == pytest.approx(chamfer_distance(2 * gt, gt).item(), rel=1e-5)
 
 
 def test_frechet_distance_closed_forms():
@@ -213,7 +249,8 @@ def test_test_py_reproduces_the_training_evaluation_and_writes_a_json_line(run, 
     assert line["source"] == "test.py" and line["checkpoint"] == str(run.dir / "ckpts" / "best.pt")
     assert line["epoch"] == load_checkpoint(run.dir / "ckpts" / "best.pt")["epoch"]
     assert line["num_images"] == NUM_TEST and line["input_size"] == [SIZE, SIZE]
-    for key in ("mask_iou", "ssim", "chamfer", "chamfer_template", "azimuth_err_deg", "elevation_err_deg"):
+    for key in ("mask_iou", "ssim", "chamfer", "chamfer_template", "azimuth_err_deg", "elevation_err_deg",
+                "chamfer_aligned", "azimuth_err_aligned_deg"):
         assert line[key] == pytest.approx(in_training[key], rel=1e-5), key
     assert line["complexity"]["total"]["flops"] > 0
     assert "ssim_x2" not in line and "fid_recon" not in line  # synthetic data: no upscale; no weights

@@ -12,13 +12,17 @@ Conventions (data-eval-vis.md §3.1-§3.3, with the deliberate differences liste
   azimuth +-90 (2 per image), each against the whitened inputs.
 - 3-D (synthetic data, which has ground truth): Chamfer distance between the predicted and the
   ground-truth mesh vertices, both centred at the origin (the object frame the renderer uses; the
-  squared-distance, mean-both-ways convention of the training loss), and camera errors.
+  squared-distance, mean-both-ways convention of the training loss), and camera errors. Training
+  fixes the object frame only up to a turn about the vertical axis (nothing tells the model where
+  the ground truth's front is), so the metrics are also given after the one turn about y, shared by
+  the whole split, that best aligns the predicted frame with the ground truth's (`frame_alignment`).
 - FLOPs: PyTorch's own counter (`torch.utils.flop_counter`), where a multiply-add counts as 2 FLOPs.
 """
 
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -108,6 +112,52 @@ def scaled_like(verts: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 def centred(verts: torch.Tensor) -> torch.Tensor:
     return verts - verts.mean(dim=-2, keepdim=True)
+
+
+def rotate_y(verts: torch.Tensor, angle_deg: float) -> torch.Tensor:
+    """Turn (..., 3) points by `angle_deg` about the y axis, the way a camera's azimuth turns: the
+    object turned by t and seen from azimuth a + t gives the image of the unturned one seen from a."""
+    c, s = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))
+    rotation = verts.new_tensor([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
+    return verts @ rotation.T
+
+
+FRAME_STEP_DEG = 5.0
+"""Resolution of the search for the frame alignment's turn."""
+
+
+def frame_alignment(pred_verts: torch.Tensor, gt_verts: torch.Tensor, pred_azimuth_deg: torch.Tensor,
+                    gt_azimuth_deg: torch.Tensor, chunk: int = 64) -> dict[str, float]:
+    """Metrics after the one turn about y, shared by all images, that best maps the predicted object
+    frame onto the ground truth's.
+
+    Self-supervised training learns some object frame; which way it faces is arbitrary (the template
+    is symmetric under half turns). One turn `t` for the whole split (searched in `FRAME_STEP_DEG`
+    steps, minimising the mean scale-aligned Chamfer distance) is applied to every predicted mesh,
+    and the predicted azimuths are read as `a - t`. Per-image alignment would hide a wrong camera;
+    a single turn cannot.
+
+    Args: centred (N,V,3) predicted and (N,M,3) ground-truth vertices, (N,) azimuths in degrees.
+
+    Returns `frame_turn_deg` (t), `chamfer_aligned`, `chamfer_scaled_aligned`, `azimuth_err_aligned_deg`.
+    """
+    def mean_chamfer(verts: torch.Tensor, scaled: bool) -> float:
+        total = 0.0
+        for start in range(0, verts.shape[0], chunk):
+            v, g = verts[start:start + chunk], gt_verts[start:start + chunk]
+            total += float(chamfer_distance(scaled_like(v, g) if scaled else v, g, per_sample=True).sum())
+        return total / verts.shape[0]
+
+    turns = [k * FRAME_STEP_DEG for k in range(round(360 / FRAME_STEP_DEG))]
+    scores = [mean_chamfer(rotate_y(pred_verts, -t), scaled=True) for t in turns]
+    turn = turns[min(range(len(turns)), key=scores.__getitem__)]
+    aligned = rotate_y(pred_verts, -turn)
+    return {
+        "frame_turn_deg": turn,
+        "chamfer_aligned": mean_chamfer(aligned, scaled=False),
+        "chamfer_scaled_aligned": mean_chamfer(aligned, scaled=True),
+        "azimuth_err_aligned_deg": float(azimuth_error(pred_azimuth_deg - turn, gt_azimuth_deg).mean()),
+    }
 
 
 # ----------------------------------------------------------------------------- parameters and FLOPs
@@ -302,7 +352,8 @@ def evaluate(encoder, loader, template, height: int, width: int, device, *, ssim
     ground truth (items holding `verts` and camera) `chamfer`, `chamfer_template` (the untrained
     template's Chamfer, for scale), `chamfer_scaled` / `chamfer_template_scaled` (each shape first
     rescaled to the ground truth's RMS radius), `azimuth_err_deg`, `azimuth_err_mirror_deg`,
-    `elevation_err_deg`, `distance_err` and `offset_err` (Euclidean, of the look-at point).
+    `elevation_err_deg`, `distance_err` and `offset_err` (Euclidean, of the look-at point), and
+    the same after the split's best turn of the predicted frame (see `frame_alignment`).
     """
     def prepare(images: torch.Tensor) -> torch.Tensor:
         return jpeg_round_trip(images) if jpeg else images
@@ -313,6 +364,7 @@ def evaluate(encoder, loader, template, height: int, width: int, device, *, ssim
     features: dict[str, list[np.ndarray]] = {name: [] for name in ("real", *FID_SETS)}
     generator = torch.Generator().manual_seed(seed)
     count = 0
+    frames: list[tuple[torch.Tensor, ...]] = []  # per batch: predicted, true vertices and azimuths
     for batch in tqdm(loader, desc="evaluate", leave=False, disable=not progress):
         x = batch["images"].to(device)
         attrs = encoder(x, 0)
@@ -344,6 +396,7 @@ def evaluate(encoder, loader, template, height: int, width: int, device, *, ssim
             per_image["elevation_err_deg"] = (attrs.elevation_deg - batch["elevation_deg"].to(device)).abs()
             per_image["distance_err"] = (attrs.distance - batch["distance"].to(device)).abs()
             per_image["offset_err"] = (attrs.offset - batch["offset"].to(device)).norm(dim=1)
+            frames.append((pred_verts, gt_verts, attrs.azimuth_deg, az_true))
         if inception is not None:
             views = {"real": gt_rgb, "recon": pred_rgb}
             views.update((name, prepare(images)) for name, images in
@@ -357,6 +410,8 @@ def evaluate(encoder, loader, template, height: int, width: int, device, *, ssim
     if count == 0:
         raise ValueError("the evaluation split is empty: nothing to evaluate")
     result = {k: v / count for k, v in sums.items()}
+    if frames:
+        result.update(frame_alignment(*(torch.cat(parts) for parts in zip(*frames, strict=True))))
     if inception is not None:
         real = np.concatenate(features["real"])
         for name in FID_SETS:
