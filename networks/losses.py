@@ -206,6 +206,21 @@ def angle_xy(angle_deg: Tensor) -> Tensor:
     return torch.stack([torch.cos(radians), torch.sin(radians)], dim=1)  # (B,2)
 
 
+def azimuth_spread_loss(azimuth_deg: Tensor, harmonics: int = 2) -> Tensor:
+    """How far a batch of predicted azimuths is from covering the circle evenly.
+
+    ``sum_k ‖mean_b (cos k·a_b, sin k·a_b)‖²`` for k = 1..harmonics: zero for evenly spread azimuths,
+    ``harmonics`` when all are equal. Penalises the camera collapsing onto one view (or two opposite
+    ones, k = 2), which lets the shape encoder fit every silhouette from the wrong side. Only for data
+    whose azimuths are spread round the circle (not an option of the original).
+
+    Args:
+        azimuth_deg: (B,) predicted azimuths in degrees.
+        harmonics: number of Fourier harmonics matched to the uniform distribution's (all zero).
+    """
+    return sum(angle_xy(k * azimuth_deg).mean(dim=0).pow(2).sum() for k in range(1, harmonics + 1))
+
+
 def attribute_cycle_loss(pred: Attributes, target: Attributes, azim_weight: float = 1.0, l1: bool = False,
                          chamfer: bool = True) -> Tensor:
     """Attributes re-encoded from a render against the attributes it was rendered from (§5.5).

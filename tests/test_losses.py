@@ -241,6 +241,25 @@ def test_attribute_cycle_loss_ignores_background_and_detaches_the_target():
     assert losses.attribute_cycle_loss(turned, pred).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_azimuth_spread_loss_matches_a_loop_and_its_extremes():
+    azimuths = torch.rand(7, generator=gen(3)) * 360 - 180
+
+    def loop(harmonics):
+        total = 0.0
+        for k in range(1, harmonics + 1):
+            c = sum(math.cos(math.radians(k * a)) for a in azimuths.tolist()) / len(azimuths)
+            s = sum(math.sin(math.radians(k * a)) for a in azimuths.tolist()) / len(azimuths)
+            total += c * c + s * s
+        return total
+
+    for harmonics in (1, 2, 3):
+        assert losses.azimuth_spread_loss(azimuths, harmonics).item() == pytest.approx(loop(harmonics), rel=1e-5)
+    assert losses.azimuth_spread_loss(torch.full((5,), 30.0)).item() == pytest.approx(2.0)  # collapsed
+    assert losses.azimuth_spread_loss(torch.arange(8.0) * 45).item() == pytest.approx(0.0, abs=1e-12)  # even
+    # two opposite views cancel the first harmonic only
+    assert losses.azimuth_spread_loss(torch.tensor([10.0, 190.0])).item() == pytest.approx(1.0)
+
+
 class LinearCritic(nn.Module):
     """D(x) = <w, x> per sample: its input gradient is w everywhere."""
 

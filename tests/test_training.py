@@ -94,6 +94,25 @@ def test_reusing_a_run_name_needs_resume(tmp_path, data_root):
         run_training(parse_options(tiny_args(tmp_path, data_root, "never-ran", "--resume"), {}))
 
 
+def test_azimuth_spread_prior_reads_each_steps_predicted_azimuths_only_when_asked(tmp_path, data_root, monkeypatch):
+    seen = []
+    real = losses.azimuth_spread_loss
+
+    def spy(azimuth_deg, *args):
+        seen.append((tuple(azimuth_deg.shape), azimuth_deg.requires_grad))
+        return real(azimuth_deg, *args)
+
+    monkeypatch.setattr(losses, "azimuth_spread_loss", spy)
+    run_training(parse_options(tiny_args(tmp_path, data_root, "off", "--niter", "1"), {}))
+    assert seen == []
+    flags = ("--niter", "1", "--lambda_spread", "2")
+    run_training(parse_options(tiny_args(tmp_path, data_root, "on", *flags, "--update_shape", "0"), {}))
+    assert seen == [((4,), True)] * 2  # two steps of batch 4, gradients reach the camera encoder
+    seen.clear()  # the default schedule (--update_shape 1) freezes the camera in every step: no gradient
+    run_training(parse_options(tiny_args(tmp_path, data_root, "frozen", *flags), {}))
+    assert seen == [((4,), False)] * 2
+
+
 def test_non_finite_losses_skip_steps_then_stop_without_a_bad_checkpoint(tmp_path, data_root, monkeypatch, caplog):
     real = losses.data_loss
     calls = {"n": 0}

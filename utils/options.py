@@ -152,7 +152,8 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     g.add_argument("--warm_epoch", type=int, default=40, help="epochs of the linear loss warm-up (0.01 -> 1)")
     g.add_argument("--update_shape", type=int, default=1,
                    help="encoder alternation: -1 cycles shape / texture+light / camera; 0 trains all; "
-                   "k>0 freezes the shape encoder except every k-th step, when the camera is frozen")
+                   "k>0 freezes the shape encoder except every k-th step, when the camera is frozen (so k = 1, the "
+                   "default, trains the camera only through the attribute-cycle loss)")
     g.add_argument("--swa", **bool_flag, default=True, help="stochastic weight averaging of the encoders")
     g.add_argument("--swa_start", type=int, default=None,
                    help="first SWA epoch; default max(niter - 100, niter // 2)")
@@ -189,6 +190,10 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     g.add_argument("--flipL1", **bool_flag, default=False,
                    help="symmetry loss per coordinate (L1) instead of per-vertex Euclidean")
     g.add_argument("--lambda_ic", type=float, default=1.0, help="attribute-cycle loss on re-encoded novel views")
+    g.add_argument("--lambda_spread", type=float, default=0.0,
+                   help="azimuth-spread prior on the predicted cameras of each batch (not in the original): "
+                   "keeps the camera from collapsing onto one view when the data's azimuths cover the circle; "
+                   "acts in the steps that train the camera encoder (see --update_shape)")
     g.add_argument("--azim", type=float, default=1.0, help="azimuth weight inside the attribute-cycle camera loss")
     g.add_argument("--L1", **bool_flag, default=False, help="attribute-cycle loss in L1 (else squared error)")
     g.add_argument("--chamfer", **bool_flag, default=True,

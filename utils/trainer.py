@@ -311,6 +311,8 @@ class Trainer:
         flip = [losses.flip_loss(a.delta_verts, self.template.flip_index, self.template.sign_init, l1=o.flipL1)
                 for a in (ae, ai, aire)]
         e_terms["flip"] = o.lambda_flipz * sum(flip) / 3
+        if o.lambda_spread > 0:
+            e_terms["spread"] = o.lambda_spread * losses.azimuth_spread_loss(ae.azimuth_deg)
         if o.lambda_ic > 0:
             e_terms["cycle"] = o.lambda_ic * losses.attribute_cycle_loss(
                 aire, ai.detach(), azim_weight=o.azim, l1=o.L1, chamfer=o.chamfer)
