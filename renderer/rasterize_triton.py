@@ -320,6 +320,13 @@ def _select(index, v0, v1, v2):
 
 
 @triton.jit
+def _corner_share(corner, hit, upstream, first, second, g_first, g_second):
+    """The soft-mask gradient that reaches `corner` through the nearest edge's two end points."""
+    return tl.where(hit, upstream * (tl.where(first == corner, g_first, 0.0)
+                                     + tl.where(second == corner, g_second, 0.0)), 0.0)
+
+
+@triton.jit
 def _backward_kernel(
     fvi_ptr, fvz_ptr, ff_ptr, idx_ptr, cutoff_ptr, soft_ptr, gfeat_ptr, gsoft_ptr, margin_ptr,
     sigma_ptr, gfvi_ptr, gff_ptr,
@@ -448,18 +455,12 @@ def _backward_kernel(
             g1y = tl.where(is_edge, 2.0 * (up * (bx_s - px) + line_d2 * ey) * inv_down, 2.0 * (ay_s - py))
             g2x = tl.where(is_edge, -2.0 * (up * (py - ay_s) + line_d2 * ex) * inv_down, 0.0)
             g2y = tl.where(is_edge, -2.0 * (up * (ax_s - px) + line_d2 * ey) * inv_down, 0.0)
-            gx0 += tl.where(soft_hit, upstream * (tl.where(first == 0, g1x, 0.0)
-                                                  + tl.where(second == 0, g2x, 0.0)), 0.0)
-            gy0 += tl.where(soft_hit, upstream * (tl.where(first == 0, g1y, 0.0)
-                                                  + tl.where(second == 0, g2y, 0.0)), 0.0)
-            gx1 += tl.where(soft_hit, upstream * (tl.where(first == 1, g1x, 0.0)
-                                                  + tl.where(second == 1, g2x, 0.0)), 0.0)
-            gy1 += tl.where(soft_hit, upstream * (tl.where(first == 1, g1y, 0.0)
-                                                  + tl.where(second == 1, g2y, 0.0)), 0.0)
-            gx2 += tl.where(soft_hit, upstream * (tl.where(first == 2, g1x, 0.0)
-                                                  + tl.where(second == 2, g2x, 0.0)), 0.0)
-            gy2 += tl.where(soft_hit, upstream * (tl.where(first == 2, g1y, 0.0)
-                                                  + tl.where(second == 2, g2y, 0.0)), 0.0)
+            gx0 += _corner_share(0, soft_hit, upstream, first, second, g1x, g2x)
+            gy0 += _corner_share(0, soft_hit, upstream, first, second, g1y, g2y)
+            gx1 += _corner_share(1, soft_hit, upstream, first, second, g1x, g2x)
+            gy1 += _corner_share(1, soft_hit, upstream, first, second, g1y, g2y)
+            gx2 += _corner_share(2, soft_hit, upstream, first, second, g1x, g2x)
+            gy2 += _corner_share(2, soft_hit, upstream, first, second, g1y, g2y)
 
     out = gfvi_ptr + face * 6
     tl.store(out + 0, tl.sum(gx0, 1), mask=fmask)
