@@ -141,21 +141,20 @@ def frame_alignment(pred_verts: torch.Tensor, gt_verts: torch.Tensor, pred_azimu
 
     Returns `frame_turn_deg` (t), `chamfer_aligned`, `chamfer_scaled_aligned`, `azimuth_err_aligned_deg`.
     """
-    def mean_chamfer(verts: torch.Tensor, scaled: bool) -> float:
+    def mean_chamfer(verts: torch.Tensor) -> float:
         total = 0.0
         for start in range(0, verts.shape[0], chunk):
-            v, g = verts[start:start + chunk], gt_verts[start:start + chunk]
-            total += float(chamfer_distance(scaled_like(v, g) if scaled else v, g, per_sample=True).sum())
+            total += float(chamfer_distance(verts[start:start + chunk], gt_verts[start:start + chunk],
+                                            per_sample=True).sum())
         return total / verts.shape[0]
 
+    scaled = scaled_like(pred_verts, gt_verts)  # a turn about the centre keeps the RMS radius
     turns = [k * FRAME_STEP_DEG for k in range(round(360 / FRAME_STEP_DEG))]
-    scores = [mean_chamfer(rotate_y(pred_verts, -t), scaled=True) for t in turns]
-    turn = turns[min(range(len(turns)), key=scores.__getitem__)]
-    aligned = rotate_y(pred_verts, -turn)
+    turn = min(turns, key=lambda t: mean_chamfer(rotate_y(scaled, -t)))
     return {
         "frame_turn_deg": turn,
-        "chamfer_aligned": mean_chamfer(aligned, scaled=False),
-        "chamfer_scaled_aligned": mean_chamfer(aligned, scaled=True),
+        "chamfer_aligned": mean_chamfer(rotate_y(pred_verts, -turn)),
+        "chamfer_scaled_aligned": mean_chamfer(rotate_y(scaled, -turn)),
         "azimuth_err_aligned_deg": float(azimuth_error(pred_azimuth_deg - turn, gt_azimuth_deg).mean()),
     }
 
