@@ -9,25 +9,29 @@ relative (other summation order, reciprocals instead of per-pixel divisions in t
 
 Three kernels:
 
-* `_bin_kernel`, one program per (image, row of 8×16-pixel tiles): for each tile, the faces whose
+* `_bin_kernel`, one program per (image, row of 4×16-pixel tiles): for each tile, the faces whose
   box enlarged by ``box_len`` can touch it, compacted in index order. The forward loops over these
-  short lists instead of all F faces.
+  short lists instead of all F faces. It also clears the soft-candidate flags below.
 * `_forward_kernel`, one program per (image, pixel tile): the hard pass (running best depth with
   the strict-greater rule, so ties keep the lowest face index), the interpolated features, then the
   soft silhouette of the uncovered pixels, keeping the first ``knum`` candidates in index order with
   a prefix count. It also records per pixel the index of the last accepted candidate, so the
-  backward can tell accepted faces apart without re-counting.
-* `_backward_kernel`, one program per (image, block of faces; one face measured fastest): it visits
-  the pixels of each face's enlarged box, sums the barycentric gradient of the pixels the face won
-  and the soft-mask gradient of the uncovered pixels where it is a candidate, and writes the face's
-  gradient once. No atomics, so the backward is deterministic: the same inputs give bitwise the
-  same gradients on every run.
+  backward can tell accepted faces apart without re-counting, and flags every face that was
+  accepted somewhere.
+* `_backward_kernel`, one program per (image, block of 4 faces): it visits the pixels of each
+  front face's box and sums the barycentric gradient of the pixels the face won, then, for the
+  flagged faces only, the pixels of the enlarged box and the soft-mask gradient of the uncovered
+  pixels where the face is a candidate, and writes each face's gradient once. No atomics, so the
+  backward is deterministic: the same inputs give bitwise the same gradients on every run.
 
 Blocks with nothing to do (only culled faces, no soft candidate, no pixel won) skip their
-arithmetic. Measured by bench/render.py on an H100 (B = 48, 128×128, the 1280-face icosphere,
-float32): forward + backward 0.87 ms and 61 MiB peak, where the reference takes 14 ms and 100 MiB.
+arithmetic. The launch shapes below were picked by sweeping them on an H100 at B = 48 and 8,
+128×128, 128×64 and 160×96 (the 1280-face icosphere). There the three kernels take about 0.34 ms
+of GPU time at B = 48, 128×128 (bench/render.py's last table), and a call's wall time is set by the
+CPU (Python, autograd and three launches), not by the kernels.
 """
 
+import functools
 import os
 
 import numpy as np
@@ -52,15 +56,16 @@ _DIST_EPS_C = tl.constexpr(DIST_EPS)
 _FAR_SQ = tl.constexpr(FAR_SQ_NDC * MULTIPLIER * MULTIPLIER)
 _NO_CUTOFF = tl.constexpr(2**31 - 1)  # fewer than knum candidates: every one is accepted
 
-# Launch shapes: forward pixel tiles of 8 x 16 and faces in blocks; backward blocks of faces x
-# pixels of their rectangles per step.
-_TILE_H = 8
+# Launch shapes: forward pixel tiles of 4 x 16 and faces in blocks of 8; backward blocks of
+# 4 faces x 8 pixels of their rectangles per step.
+_TILE_H = 4
 _TILE_W = 16
-_BIN_BLOCK_F = 64
+_BIN_BLOCK_F = 256
+_BIN_WARPS = 2
 _FWD_BLOCK_F = 8
 _FWD_WARPS = 4
-_BWD_BLOCK_FB = 1
-_BWD_BLOCK_P = 32
+_BWD_BLOCK_FB = 4
+_BWD_BLOCK_P = 8
 _BWD_WARPS = 1
 
 
@@ -180,13 +185,20 @@ def _box(x0, y0, x1, y1, x2, y2, margin):
 
 @triton.jit
 def _bin_kernel(
-    fvi_ptr, fvz_ptr, list_ptr, count_ptr, margin_ptr,
+    fvi_ptr, fvz_ptr, list_ptr, count_ptr, margin_ptr, candidate_ptr,
     F, H, W, tiles_h, tiles_w, cx_scale, cy_scale,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     # One program per (image, row of tiles): each face is loaded once for the whole row.
     pid = tl.program_id(0)
     b = pid // tiles_h
+    # Clear this program's share of the image's soft-candidate flags, which the forward sets; this
+    # saves a fill launch per call.
+    share = tl.cdiv(F, tiles_h)
+    first = (pid % tiles_h) * share
+    for start in range(first, tl.minimum(first + share, F), BLOCK_F):
+        f = start + tl.arange(0, BLOCK_F)
+        tl.store(candidate_ptr + b * F + f, tl.zeros([BLOCK_F], tl.int8), mask=(f < F) & (f < first + share))
     i0 = (pid % tiles_h) * TILE_H
     t = tl.arange(0, BLOCK_T)
     tmask = t < tiles_w
@@ -218,7 +230,7 @@ def _bin_kernel(
 @triton.jit
 def _forward_kernel(
     fvi_ptr, fvz_ptr, ff_ptr, fnz_ptr, list_ptr, count_ptr, margin_ptr, sigma_ptr,
-    feat_ptr, soft_ptr, idx_ptr, cutoff_ptr,
+    feat_ptr, soft_ptr, idx_ptr, cutoff_ptr, candidate_ptr,
     F, H, W, D, knum, tiles_w, num_tiles, cx_scale, cy_scale,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -307,6 +319,9 @@ def _forward_kernel(
                                        x2[None, :], y2[None, :], inv0[None, :], inv1[None, :], inv2[None, :])
             prob = tl.exp(d2 * neg_sigma)
             outside *= tl.reduce(tl.where(accepted, 1.0 - prob, 1.0), 1, _mul)
+            # Tell the backward which faces have soft-mask work (several programs may write 1).
+            tl.store(candidate_ptr + b * F + f, tl.full([BLOCK_F], 1, tl.int8),
+                     mask=kmask & (tl.max(accepted.to(tl.int32), 0) > 0))
         cutoff = tl.minimum(cutoff, tl.min(tl.where(hit & (rank == knum), f[None, :], _NO_CUTOFF), 1))
         seen += tl.sum(hit.to(tl.int32), 1)
         start += BLOCK_F
@@ -327,28 +342,10 @@ def _corner_share(corner, hit, upstream, first, second, g_first, g_second):
 
 
 @triton.jit
-def _backward_kernel(
-    fvi_ptr, fvz_ptr, ff_ptr, idx_ptr, cutoff_ptr, soft_ptr, gfeat_ptr, gsoft_ptr, margin_ptr,
-    sigma_ptr, gfvi_ptr, gff_ptr,
-    F, H, W, D, blocks_per_image, cx_scale, cy_scale,
-    BLOCK_FB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    # One program per (image, block of faces): lanes are (face, pixel of that face's rectangle).
-    pid = tl.program_id(0)
-    b = pid // blocks_per_image
-    f = (pid % blocks_per_image) * BLOCK_FB + tl.arange(0, BLOCK_FB)
-    fmask = f < F
-    face = b * F + f
-    dtype = fvi_ptr.dtype.element_ty
-    x0, y0, x1, y1, x2, y2 = _load_corners(fvi_ptr, face, fmask)
-    margin = tl.load(margin_ptr)
-    neg_sigma = tl.load(sigma_ptr)
-    xlo, xhi, ylo, yhi = _box(x0, y0, x1, y1, x2, y2, margin)
-    inv0, inv1, inv2 = _inverse_lengths(x0, y0, x1, y1, x2, y2)
-
-    # Pixel rectangle around each enlarged box, one pixel of slack for rounding (the exact test
-    # below decides); empty for the faces the forward left out.
-    ok = fmask & _face_finite(x0, y0, x1, y1, x2, y2, fvz_ptr, face, fmask)
+def _pixel_rect(xlo, xhi, ylo, yhi, ok, H, W, cx_scale, cy_scale):
+    # Row/column range of the pixels whose centres can lie in the box [xlo, xhi] x [ylo, yhi]
+    # (scaled units), one pixel of slack for rounding (the exact tests decide), as its first row and
+    # column, its width and its pixel count; empty where `ok` is false.
     j_lo = (tl.where(ok, xlo, 0.0).to(tl.float32) / cx_scale + (W - 1)) * 0.5
     j_hi = (tl.where(ok, xhi, 0.0).to(tl.float32) / cx_scale + (W - 1)) * 0.5
     i_lo = ((H - 1) - tl.where(ok, yhi, 0.0).to(tl.float32) / cy_scale) * 0.5
@@ -359,7 +356,36 @@ def _backward_kernel(
     i_hi = tl.minimum(tl.ceil(tl.minimum(i_hi, H)).to(tl.int32) + 1, H - 1)
     cols = tl.maximum(j_hi - j_lo + 1, 1)
     n_pix = tl.where(ok & (j_hi >= j_lo) & (i_hi >= i_lo), cols * (i_hi - i_lo + 1), 0)
-    n_steps = tl.max((n_pix + BLOCK_P - 1) // BLOCK_P, 0)
+    return i_lo, j_lo, cols, n_pix
+
+
+@triton.jit
+def _backward_kernel(
+    fvi_ptr, fvz_ptr, ff_ptr, fnz_ptr, idx_ptr, cutoff_ptr, soft_ptr, candidate_ptr, gfeat_ptr,
+    gsoft_ptr, margin_ptr, sigma_ptr, gfvi_ptr, gff_ptr,
+    F, H, W, D, blocks_per_image, cx_scale, cy_scale,
+    BLOCK_FB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One program per (image, block of faces): lanes are (face, pixel of that face's rectangle).
+    # Two loops: the pixels of each face's box, for the pixels it won, then, only for the faces the
+    # forward accepted as a soft-mask candidate somewhere, the pixels of its enlarged box.
+    pid = tl.program_id(0)
+    b = pid // blocks_per_image
+    f = (pid % blocks_per_image) * BLOCK_FB + tl.arange(0, BLOCK_FB)
+    fmask = f < F
+    face = b * F + f
+    dtype = fvi_ptr.dtype.element_ty
+    x0, y0, x1, y1, x2, y2 = _load_corners(fvi_ptr, face, fmask)
+    margin = tl.load(margin_ptr)
+    neg_sigma = tl.load(sigma_ptr)
+    inv0, inv1, inv2 = _inverse_lengths(x0, y0, x1, y1, x2, y2)
+    ok = fmask & _face_finite(x0, y0, x1, y1, x2, y2, fvz_ptr, face, fmask)
+    front = ok & (tl.load(fnz_ptr + face, mask=fmask, other=-1.0) >= 0)
+    bxlo, bxhi, bylo, byhi = _box(x0, y0, x1, y1, x2, y2, 0.0)
+    hi_lo, hj_lo, h_cols, h_pix = _pixel_rect(bxlo, bxhi, bylo, byhi, front, H, W, cx_scale, cy_scale)
+    xlo, xhi, ylo, yhi = _box(x0, y0, x1, y1, x2, y2, margin)
+    candidate = ok & (tl.load(candidate_ptr + face, mask=fmask, other=0) != 0)
+    si_lo, sj_lo, s_cols, s_pix = _pixel_rect(xlo, xhi, ylo, yhi, candidate, H, W, cx_scale, cy_scale)
 
     # The barycentric backward works in NDC units (spec §3.1): e1 = b − a, e2 = c − a.
     ax = tl.load(fvi_ptr + face * 6 + 0, mask=fmask, other=0.0)[:, None]
@@ -388,18 +414,16 @@ def _backward_kernel(
     gfa = tl.zeros([BLOCK_FB, BLOCK_D], dtype)
     gfb = tl.zeros([BLOCK_FB, BLOCK_D], dtype)
     gfc = tl.zeros([BLOCK_FB, BLOCK_D], dtype)
-    for step in range(0, n_steps):
+    # Pixels this face won: I = f_a + w1 (f_b − f_a) + w2 (f_c − f_a) with the pixel fixed.
+    for step in range(0, tl.max((h_pix + BLOCK_P - 1) // BLOCK_P, 0)):
         lin = step * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]
-        lmask = lin < n_pix[:, None]
-        i = i_lo[:, None] + lin // cols[:, None]
-        j = j_lo[:, None] + lin % cols[:, None]
+        lmask = lin < h_pix[:, None]
+        i = hi_lo[:, None] + lin // h_cols[:, None]
+        j = hj_lo[:, None] + lin % h_cols[:, None]
         pix = (b * H + i) * W + j
-        won = tl.load(idx_ptr + pix, mask=lmask, other=-2)
-        px, py = _pixel_centres(i, j, H, W, cx_scale, cy_scale, dtype)
-
-        # Pixels this face won: I = f_a + w1 (f_b − f_a) + w2 (f_c − f_a) with the pixel fixed.
-        hard = lmask & (won == f[:, None])
+        hard = lmask & (tl.load(idx_ptr + pix, mask=lmask, other=-2) == f[:, None])
         if tl.max(hard.to(tl.int32)) > 0:
+            px, py = _pixel_centres(i, j, H, W, cx_scale, cy_scale, dtype)
             g = tl.load(gfeat_ptr + pix[:, :, None] * D + d[None, None, :],
                         mask=hard[:, :, None] & (d[None, None, :] < D), other=0.0)
             g1 = tl.sum(g * df1, 2)
@@ -425,7 +449,15 @@ def _backward_kernel(
             gfb += tl.sum(tl.where(hard, w1, 0.0)[:, :, None] * g, 1)
             gfc += tl.sum(tl.where(hard, w2, 0.0)[:, :, None] * g, 1)
 
-        # Uncovered pixels where this face is among the first knum candidates (spec §3.2).
+    # Uncovered pixels where this face is among the first knum candidates (spec §3.2).
+    for step in range(0, tl.max((s_pix + BLOCK_P - 1) // BLOCK_P, 0)):
+        lin = step * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]
+        lmask = lin < s_pix[:, None]
+        i = si_lo[:, None] + lin // s_cols[:, None]
+        j = sj_lo[:, None] + lin % s_cols[:, None]
+        pix = (b * H + i) * W + j
+        px, py = _pixel_centres(i, j, H, W, cx_scale, cy_scale, dtype)
+        won = tl.load(idx_ptr + pix, mask=lmask, other=-2)
         cut = tl.load(cutoff_ptr + pix, mask=lmask, other=-1)
         soft_hit = (lmask & (won < 0) & (f[:, None] <= cut) & (xlo[:, None] <= px) & (px < xhi[:, None])
                     & (ylo[:, None] <= py) & (py < yhi[:, None]))
@@ -480,12 +512,19 @@ def _scale(size: int) -> float:
     return float(np.float32(MULTIPLIER) / np.float32(size))
 
 
+@functools.lru_cache(maxsize=64)
+def _device_scalar(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    # Scalars travel as 1-element tensors of the input dtype: Triton passes Python floats as float32,
+    # which would round them for float64 inputs. Cached, since a fill per call costs a launch.
+    return torch.full((1,), value, dtype=dtype, device=device)
+
+
 def _block_d(channels: int) -> int:
     return triton.next_power_of_2(max(channels, 1))
 
 
 class _DibrRasterize(torch.autograd.Function):
-    """Forward: binning + fused hard/soft kernel. Backward: one program per (image, face)."""
+    """Forward: binning + fused hard/soft kernel. Backward: one program per (image, block of faces)."""
 
     @staticmethod
     def forward(ctx, face_verts_image, face_verts_z, face_features, face_normals_z,
@@ -494,11 +533,9 @@ class _DibrRasterize(torch.autograd.Function):
         device, dtype = face_verts_image.device, face_verts_image.dtype
         tiles_h, tiles_w = triton.cdiv(height, _TILE_H), triton.cdiv(width, _TILE_W)
         num_tiles = tiles_h * tiles_w
-        # Scalars travel as 1-element tensors of the input dtype: Triton passes Python floats as
-        # float32, which would round them for float64 inputs.
-        margin = torch.full((1,), box_len * MULTIPLIER, dtype=dtype, device=device)
+        margin = _device_scalar(box_len * MULTIPLIER, dtype, device)
         # −σ⁻¹ per squared scaled unit, so that P = exp(d²_scaled · sigma)
-        sigma = torch.full((1,), -sigma_inv / (MULTIPLIER * MULTIPLIER), dtype=dtype, device=device)
+        sigma = _device_scalar(-sigma_inv / (MULTIPLIER * MULTIPLIER), dtype, device)
 
         face_lists = torch.empty(batch * num_tiles * num_faces, dtype=torch.int32, device=device)
         list_counts = torch.empty(batch * num_tiles, dtype=torch.int32, device=device)
@@ -506,38 +543,46 @@ class _DibrRasterize(torch.autograd.Function):
         soft_mask = torch.empty(batch, height, width, dtype=dtype, device=device)
         face_idx = torch.empty(batch, height, width, dtype=torch.int64, device=device)
         cutoff = torch.empty(batch, height, width, dtype=torch.int32, device=device)
+        candidate = torch.empty(batch * num_faces, dtype=torch.int8, device=device)
         grid = (batch * num_tiles,)
         _bin_kernel[(batch * tiles_h,)](
-            face_verts_image, face_verts_z, face_lists, list_counts, margin,
+            face_verts_image, face_verts_z, face_lists, list_counts, margin, candidate,
             num_faces, height, width, tiles_h, tiles_w, _scale(width), _scale(height),
             TILE_H=_TILE_H, TILE_W=_TILE_W, BLOCK_F=_BIN_BLOCK_F,
-            BLOCK_T=triton.next_power_of_2(tiles_w), enable_fp_fusion=False,
+            BLOCK_T=triton.next_power_of_2(tiles_w), num_warps=_BIN_WARPS, enable_fp_fusion=False,
         )
         _forward_kernel[grid](
             face_verts_image, face_verts_z, face_features, face_normals_z, face_lists, list_counts,
-            margin, sigma, features, soft_mask, face_idx, cutoff,
+            margin, sigma, features, soft_mask, face_idx, cutoff, candidate,
             num_faces, height, width, channels, knum, tiles_w, num_tiles, _scale(width), _scale(height),
             TILE_H=_TILE_H, TILE_W=_TILE_W, BLOCK_F=_FWD_BLOCK_F, BLOCK_D=_block_d(channels),
             num_warps=_FWD_WARPS, enable_fp_fusion=False,
         )
         ctx.mark_non_differentiable(face_idx)
-        ctx.save_for_backward(face_verts_image, face_verts_z, face_features, face_idx, cutoff, soft_mask)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for face_idx on every call
+        ctx.save_for_backward(face_verts_image, face_verts_z, face_features, face_normals_z, face_idx, cutoff,
+                              soft_mask, candidate)
         ctx.margin, ctx.sigma = margin, sigma
         return features, soft_mask, face_idx
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_features, grad_soft_mask, _grad_face_idx):
-        face_verts_image, face_verts_z, face_features, face_idx, cutoff, soft_mask = ctx.saved_tensors
+        (face_verts_image, face_verts_z, face_features, face_normals_z, face_idx, cutoff, soft_mask,
+         candidate) = ctx.saved_tensors
         batch, num_faces, _, channels = face_features.shape
         height, width = soft_mask.shape[1:]
+        if grad_features is None:  # the loss used only the soft mask
+            grad_features = face_features.new_zeros(batch, height, width, channels)
+        if grad_soft_mask is None:  # the loss used only the features
+            grad_soft_mask = torch.zeros_like(soft_mask)
         # Every (image, face) program writes its whole gradient, so no zero fill is needed.
         grad_verts = torch.empty_like(face_verts_image)
         grad_face_features = torch.empty_like(face_features)
         blocks_per_image = triton.cdiv(num_faces, _BWD_BLOCK_FB)
         _backward_kernel[(batch * blocks_per_image,)](
-            face_verts_image, face_verts_z, face_features, face_idx, cutoff, soft_mask,
-            grad_features.contiguous(), grad_soft_mask.contiguous(), ctx.margin, ctx.sigma,
+            face_verts_image, face_verts_z, face_features, face_normals_z, face_idx, cutoff, soft_mask,
+            candidate, grad_features.contiguous(), grad_soft_mask.contiguous(), ctx.margin, ctx.sigma,
             grad_verts, grad_face_features,
             num_faces, height, width, channels, blocks_per_image, _scale(width), _scale(height),
             BLOCK_FB=_BWD_BLOCK_FB, BLOCK_P=_BWD_BLOCK_P, BLOCK_D=_block_d(channels),

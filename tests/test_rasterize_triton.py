@@ -111,6 +111,22 @@ def test_matches_reference_on_icosphere_under_random_cameras(dtype):
     _assert_matches_reference(_sphere_scene(0, dtype, batch, subdivisions, height, width), height, width)
 
 
+@in_this_process
+@pytest.mark.parametrize("used", ["features", "soft_mask"])
+def test_loss_of_one_output_only(used):
+    """The gradient of the output the loss ignores reaches the backward as None."""
+    batch, num_faces, height, width = RANDOM_SIZE
+    verts, z, features, normals = _random_scene(7, F64, batch, num_faces)
+    grads = []
+    for fn in (rasterize_triton, rasterize_reference):
+        leaf = verts.clone().requires_grad_(True)
+        out = fn(leaf, z, features, normals, height, width, sigma_inv=3000.0, box_len=0.1)
+        (getattr(out, used) ** 2).sum().backward()
+        grads.append(leaf.grad)
+    assert grads[1].abs().max() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-4 * grads[1].abs().max().item())
+
+
 def _flat_scene(corners, normals_z=1.0, dtype=F64):
     """One image of faces with the given NDC corners (F, 3, 2), depth −2, one-hot corner features."""
     verts = torch.tensor(corners, dtype=dtype)[None]
