@@ -7,7 +7,9 @@ vertices and the texture. Each backend in `BACKENDS` becomes a column: add a ras
 
 Two tables: the whole `render` call, and the rasterizer call alone (the inputs `render` hands it,
 forward + backward of fixed random weights on its features and soft mask), with the speed-up of the
-Triton path over the others. Backends:
+Triton path over the others. On CUDA a third table gives the rasterizer's GPU time alone: the summed
+duration of the kernels, copies and fills of one call, read with torch.profiler. The wall times
+also hold the CPU's work (Python, autograd, launches), which at these sizes can exceed it. Backends:
 
 * reference: `rasterize_reference`, plain PyTorch (CPU and CUDA);
 * triton: `renderer.rasterize_triton.rasterize_triton` (CUDA);
@@ -202,6 +204,19 @@ def time_ms(step: Callable[[], None], device: torch.device, repeats: int) -> flo
     return statistics.median(times)
 
 
+def gpu_ms(step: Callable[[], None], device: torch.device, repeats: int) -> float:
+    """Summed duration of the GPU activity (kernels, copies, fills) of one call, from torch.profiler."""
+    step()
+    synchronize(device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            step()
+        synchronize(device)
+    busy_us = sum(event.time_range.elapsed_us() for event in prof.events()
+                  if event.device_type == torch.autograd.DeviceType.CUDA)
+    return busy_us / 1000 / repeats
+
+
 def _resident_bytes() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -263,8 +278,9 @@ def main() -> None:
     print(f"device: {name}{threads}; torch {torch.__version__}; mesh {len(template.verts)} verts / "
           f"{len(template.faces)} faces; float32; median of {args.repeats} calls")
     tables = {"render() forward + backward": [], "rasterizer alone, forward + backward": []}
+    gpu_rows = []
     for batch, height, width in rows:
-        render_cells, raster_cells = {}, {}
+        render_cells, raster_cells, gpu_cells = {}, {}, {}
         for backend in backends:
             gen = torch.Generator().manual_seed(0)
             scene = make_scene(template, batch, height, width, device, gen)
@@ -274,8 +290,11 @@ def main() -> None:
                                               peak_mib(render_step, device))
             step = rasterizer_step(backend, scene)
             raster_cells[backend.name] = (time_ms(step, device, args.repeats), peak_mib(step, device))
+            if device.type == "cuda":
+                gpu_cells[backend.name] = gpu_ms(step, device, args.repeats)
         tables["render() forward + backward"].append(((batch, height, width), render_cells))
         tables["rasterizer alone, forward + backward"].append(((batch, height, width), raster_cells))
+        gpu_rows.append(((batch, height, width), gpu_cells))
     names = [backend.name for backend in backends]
     others = [name for name in names if name != "triton"] if "triton" in names else []
     for title, rows_cells in tables.items():
@@ -286,6 +305,13 @@ def main() -> None:
         for (batch, height, width), cells in rows_cells:
             values = [f"{cells[n][0]:.2f} | {cells[n][1]}" for n in names]
             values += [f"{cells[n][0] / cells['triton'][0]:.1f}x" for n in others]
+            print(f"| {batch} | {height} x {width} | " + " | ".join(values) + " |")
+    if device.type == "cuda":
+        print("\nrasterizer alone, GPU time of one forward + backward (ms, torch.profiler)\n")
+        print("| B | H x W | " + " | ".join(names) + "".join(f" | {n} / triton" for n in others) + " |")
+        print("|" + "---|" * (2 + len(names) + len(others)))
+        for (batch, height, width), cells in gpu_rows:
+            values = [f"{cells[n]:.3f}" for n in names] + [f"{cells[n] / cells['triton']:.1f}x" for n in others]
             print(f"| {batch} | {height} x {width} | " + " | ".join(values) + " |")
 
 
