@@ -360,6 +360,16 @@ def _pixel_rect(xlo, xhi, ylo, yhi, ok, H, W, cx_scale, cy_scale):
 
 
 @triton.jit
+def _rect_step(step, i_lo, j_lo, cols, n_pix, b, H, W, BLOCK_P: tl.constexpr):
+    # Lanes (face, k) of loop step `step` over the faces' rectangles from _pixel_rect: in-range
+    # mask, row, column and flat pixel index of the rectangle's pixel step * BLOCK_P + k.
+    lin = step * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]
+    i = i_lo[:, None] + lin // cols[:, None]
+    j = j_lo[:, None] + lin % cols[:, None]
+    return lin < n_pix[:, None], i, j, (b * H + i) * W + j
+
+
+@triton.jit
 def _backward_kernel(
     fvi_ptr, fvz_ptr, ff_ptr, fnz_ptr, idx_ptr, cutoff_ptr, soft_ptr, candidate_ptr, gfeat_ptr,
     gsoft_ptr, margin_ptr, sigma_ptr, gfvi_ptr, gff_ptr,
@@ -416,11 +426,7 @@ def _backward_kernel(
     gfc = tl.zeros([BLOCK_FB, BLOCK_D], dtype)
     # Pixels this face won: I = f_a + w1 (f_b − f_a) + w2 (f_c − f_a) with the pixel fixed.
     for step in range(0, tl.max((h_pix + BLOCK_P - 1) // BLOCK_P, 0)):
-        lin = step * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]
-        lmask = lin < h_pix[:, None]
-        i = hi_lo[:, None] + lin // h_cols[:, None]
-        j = hj_lo[:, None] + lin % h_cols[:, None]
-        pix = (b * H + i) * W + j
+        lmask, i, j, pix = _rect_step(step, hi_lo, hj_lo, h_cols, h_pix, b, H, W, BLOCK_P)
         hard = lmask & (tl.load(idx_ptr + pix, mask=lmask, other=-2) == f[:, None])
         if tl.max(hard.to(tl.int32)) > 0:
             px, py = _pixel_centres(i, j, H, W, cx_scale, cy_scale, dtype)
@@ -451,11 +457,7 @@ def _backward_kernel(
 
     # Uncovered pixels where this face is among the first knum candidates (spec §3.2).
     for step in range(0, tl.max((s_pix + BLOCK_P - 1) // BLOCK_P, 0)):
-        lin = step * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]
-        lmask = lin < s_pix[:, None]
-        i = si_lo[:, None] + lin // s_cols[:, None]
-        j = sj_lo[:, None] + lin % s_cols[:, None]
-        pix = (b * H + i) * W + j
+        lmask, i, j, pix = _rect_step(step, si_lo, sj_lo, s_cols, s_pix, b, H, W, BLOCK_P)
         px, py = _pixel_centres(i, j, H, W, cx_scale, cy_scale, dtype)
         won = tl.load(idx_ptr + pix, mask=lmask, other=-2)
         cut = tl.load(cutoff_ptr + pix, mask=lmask, other=-1)
