@@ -277,7 +277,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name}{threads}; torch {torch.__version__}; mesh {len(template.verts)} verts / "
           f"{len(template.faces)} faces; float32; median of {args.repeats} calls")
-    tables = {"render() forward + backward": [], "rasterizer alone, forward + backward": []}
+    timed = {"render() forward + backward": [], "rasterizer alone, forward + backward": []}
     gpu_rows = []
     for batch, height, width in rows:
         render_cells, raster_cells, gpu_cells = {}, {}, {}
@@ -292,28 +292,32 @@ def main() -> None:
             raster_cells[backend.name] = (time_ms(step, device, args.repeats), peak_mib(step, device))
             if device.type == "cuda":
                 gpu_cells[backend.name] = gpu_ms(step, device, args.repeats)
-        tables["render() forward + backward"].append(((batch, height, width), render_cells))
-        tables["rasterizer alone, forward + backward"].append(((batch, height, width), raster_cells))
-        gpu_rows.append(((batch, height, width), gpu_cells))
+        size = (batch, height, width)
+        for table, cells in zip(timed.values(), (render_cells, raster_cells), strict=True):
+            table.append((size, cells))
+        gpu_rows.append((size, gpu_cells))
     names = [backend.name for backend in backends]
-    others = [name for name in names if name != "triton"] if "triton" in names else []
-    for title, rows_cells in tables.items():
-        print(f"\n{title}\n")
-        print("| B | H x W | " + " | ".join(f"{n} ms | {n} peak MiB" for n in names)
-              + "".join(f" | {n} / triton" for n in others) + " |")
-        print("|" + "---|" * (2 + 2 * len(names) + len(others)))
-        for (batch, height, width), cells in rows_cells:
-            values = [f"{cells[n][0]:.2f} | {cells[n][1]}" for n in names]
-            values += [f"{cells[n][0] / cells['triton'][0]:.1f}x" for n in others]
-            print(f"| {batch} | {height} x {width} | " + " | ".join(values) + " |")
+    for title, rows_cells in timed.items():
+        print_table(title, names, rows_cells, ("ms", "peak MiB"), lambda cell: f"{cell[0]:.2f} | {cell[1]}",
+                    lambda cell: cell[0])
     if device.type == "cuda":
-        print("\nrasterizer alone, GPU time of one forward + backward (ms, torch.profiler)\n")
-        print("| B | H x W | " + " | ".join(names) + "".join(f" | {n} / triton" for n in others) + " |")
-        print("|" + "---|" * (2 + len(names) + len(others)))
-        for (batch, height, width), cells in gpu_rows:
-            values = [f"{cells[n]:.3f}" for n in names] + [f"{cells[n] / cells['triton']:.1f}x" for n in others]
-            print(f"| {batch} | {height} x {width} | " + " | ".join(values) + " |")
+        print_table("rasterizer alone, GPU time of one forward + backward (torch.profiler)", names, gpu_rows,
+                    ("GPU ms",), lambda ms: f"{ms:.3f}", lambda ms: ms)
 
+
+def print_table(title: str, names: list[str], rows_cells: list, columns: tuple[str, ...],
+                cell_text: Callable, cell_ms: Callable) -> None:
+    """One markdown table: a row per (B, H, W), the `columns` of each backend (`cell_text` writes a
+    cell's), then each other backend's time over Triton's (`cell_ms` reads a cell's time)."""
+    others = [name for name in names if name != "triton"] if "triton" in names else []
+    print(f"\n{title}\n")
+    print("| B | H x W | " + " | ".join(f"{n} {c}" for n in names for c in columns)
+          + "".join(f" | {n} / triton" for n in others) + " |")
+    print("|" + "---|" * (2 + len(columns) * len(names) + len(others)))
+    for (batch, height, width), cells in rows_cells:
+        values = [cell_text(cells[n]) for n in names]
+        values += [f"{cell_ms(cells[n]) / cell_ms(cells['triton']):.1f}x" for n in others]
+        print(f"| {batch} | {height} x {width} | " + " | ".join(values) + " |")
 
 if __name__ == "__main__":
     main()
