@@ -11,6 +11,10 @@ Triton path over the others. On CUDA a third table gives the rasterizer's GPU ti
 duration of the kernels, copies and fills of one call, read with torch.profiler. The wall times
 also hold the CPU's work (Python, autograd, launches), which at these sizes can exceed it. Backends:
 
+* brute force (CUDA): `brute_force_rasterize`, every pixel against every face in plain PyTorch,
+  the straightforward dense pass of spec/renderer-math.md §5.3; it shows what the reference's
+  sparse enumeration and the kernels save (CUDA only: one B = 8, 128x128 call took 129 s on a
+  2-core CPU).
 * reference: `rasterize_reference`, plain PyTorch (CPU and CUDA);
 * triton: `renderer.rasterize_triton.rasterize_triton` (CUDA);
 * nvdiffrast (CUDA, optional: `pip install diffrp-nvdiffrast`, which builds its plugin with nvcc on
@@ -43,10 +47,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 
 import renderer.render
 from renderer.mesh import Template
-from renderer.rasterize import Rasterized, rasterize_reference
+from renderer.rasterize import (
+    AREA_EPS,
+    MULTIPLIER,
+    Rasterized,
+    _nearest_feature,
+    _pixel_centres,
+    check_inputs,
+    rasterize_reference,
+)
+
+BRUTE_FORCE_PAIRS = 1 << 23  # pixel-face pairs per chunk of the brute-force backend (2.5-4 GB peak at these sizes)
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,98 @@ class Backend:
     rasterize: Callable[..., Rasterized]  # same signature as renderer.rasterize.rasterize
     devices: tuple[str, ...]  # device types it runs on
     missing: Callable[[], str | None] = lambda: None  # why it cannot run here, None when it can
+
+
+def brute_force_rasterize(face_verts_image, face_verts_z, face_features, face_normals_z, height, width,
+                          sigma_inv=7000.0, box_len=0.02, knum=30) -> Rasterized:
+    """DIB-R the obvious way: every pixel against every face, faces in chunks, plain autograd.
+
+    The dense pass of spec/renderer-math.md §5.3 (the "brute-force PyTorch pass over all pixel-face
+    pairs" that issue 4 sized the fast path against), to show what the reference's enumeration of
+    each face's box and the Triton kernels save. Same results as `rasterize_reference`
+    (tests/test_rasterize.py); faces with a non-finite corner are ignored as there. Each chunk holds
+    about `BRUTE_FORCE_PAIRS` pairs; the soft-mask chunks are recomputed in the backward
+    (torch.utils.checkpoint), so only their inputs and the (B, H·W, F) bool candidate flags stay.
+    """
+    check_inputs(face_verts_image, face_verts_z, face_features, face_normals_z, height, width,
+                 sigma_inv, box_len, knum)
+    batch, num_faces, _, channels = face_features.shape
+    pixels = height * width
+    xs, ys = _pixel_centres(height, width, face_verts_image.dtype, face_verts_image.device)
+    px, py = xs.repeat(height), ys.repeat_interleave(width)  # (H·W,), row-major pixel order
+    depth = face_verts_z.detach()
+    finite = face_verts_image.detach().isfinite().flatten(2).all(2) & depth.isfinite().all(2)  # (B, F)
+    verts = torch.where(finite[..., None, None], face_verts_image, 0.0) * MULTIPLIER  # scaled units
+    chunk = max(1, BRUTE_FORCE_PAIRS // (batch * pixels))
+    parts = [slice(start, min(start + chunk, num_faces)) for start in range(0, num_faces, chunk)]
+
+    with torch.no_grad():  # hard pass: running nearest face, strict-greater update in index order
+        active = finite & (face_normals_z >= 0)
+        best_z = verts.new_full((batch, pixels), -torch.inf)
+        best_face = torch.full((batch, pixels), -1, dtype=torch.long, device=verts.device)
+        for part in parts:
+            v = verts[:, None, part].detach()  # (B, 1, f, 3, 2)
+            w = _dense_weights(v, px[:, None], py[:, None])  # (B, H·W, f, 3)
+            hit = (w >= 0).all(-1) & _dense_in_box(px, py, v.amin(-2), v.amax(-2)) & active[:, None, part]
+            z = depth[:, None, part]
+            z = w[..., 0] * z[..., 0] + w[..., 1] * z[..., 1] + w[..., 2] * z[..., 2]
+            chunk_z, chunk_face = torch.where(hit, z, -torch.inf).max(-1)  # the first maximum
+            better = chunk_z > best_z
+            best_z = torch.where(better, chunk_z, best_z)
+            best_face = torch.where(better, chunk_face + part.start, best_face)
+
+    covered = best_face >= 0
+    winner = best_face.clamp(min=0)[..., None, None]
+    weights = _dense_weights(verts.gather(1, winner.expand(batch, pixels, 3, 2)), px, py)  # (B, H·W, 3)
+    corner_features = face_features.gather(1, winner.expand(batch, pixels, 3, channels))
+    features = torch.where(covered[..., None], (weights[..., None] * corner_features).sum(2), 0.0)
+
+    margin = box_len * MULTIPLIER
+    outside = verts.new_ones(batch, pixels)  # prod(1 - P) over each pixel's accepted candidates
+    seen = torch.zeros(batch, pixels, dtype=torch.long, device=verts.device)
+    for part in parts:
+        with torch.no_grad():
+            v = verts[:, None, part].detach()
+            candidate = _dense_in_box(px, py, v.amin(-2) - margin, v.amax(-2) + margin) & finite[:, None, part]
+            accepted = candidate & (seen[..., None] + candidate.cumsum(-1) <= knum)  # first knum by index
+            seen += candidate.sum(-1)
+        outside = outside * torch.utils.checkpoint.checkpoint(
+            _dense_outside, verts[:, part], accepted, px, py, float(sigma_inv), use_reentrant=False)
+    soft_mask = torch.where(covered, 1.0, 1.0 - outside)  # 1 on covered pixels, whatever their candidates
+    return Rasterized(features=features.reshape(batch, height, width, channels),
+                      soft_mask=soft_mask.reshape(batch, height, width),
+                      face_idx=best_face.reshape(batch, height, width))
+
+
+def _dense_weights(v: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
+    """(..., 3) barycentrics of pixel centres for corners v (..., 3, 2), scaled units, as the reference
+    computes them; px, py broadcast against v[..., 0, 0]."""
+    ax, ay = v[..., 0, 0] - px, v[..., 0, 1] - py
+    bx, by = v[..., 1, 0] - px, v[..., 1, 1] - py
+    cx, cy = v[..., 2, 0] - px, v[..., 2, 1] - py
+    w0 = bx * cy - by * cx
+    w1 = cx * ay - cy * ax
+    w2 = ax * by - ay * bx
+    area = w0 + w1 + w2
+    area = area + torch.copysign(torch.full_like(area, AREA_EPS), area)
+    return torch.stack((w0, w1, w2), dim=-1) / area[..., None]
+
+
+def _dense_in_box(px: torch.Tensor, py: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """(B, H·W, f) half-open box test lo <= p < hi of every pixel centre against boxes (B, 1, f, 2)."""
+    px, py = px[:, None], py[:, None]
+    return (px >= lo[..., 0]) & (px < hi[..., 0]) & (py >= lo[..., 1]) & (py < hi[..., 1])
+
+
+def _dense_outside(corners: torch.Tensor, accepted: torch.Tensor, px: torch.Tensor, py: torch.Tensor,
+                   sigma_inv: float) -> torch.Tensor:
+    """(B, H·W) prod(1 - P) over the accepted (B, H·W, f) candidates among faces `corners` (B, f, 3, 2)."""
+    batch, pixels, faces = accepted.shape
+    v = corners[:, None].expand(batch, pixels, faces, 3, 2).reshape(-1, 3, 2)
+    p = torch.stack((px, py), dim=-1)[None, :, None].expand(batch, pixels, faces, 2).reshape(-1, 2)
+    d2, _ = _nearest_feature(v, p)
+    prob = torch.exp(-(sigma_inv * d2 / MULTIPLIER / MULTIPLIER)).reshape(batch, pixels, faces)
+    return torch.where(accepted, 1.0 - prob, 1.0).prod(-1)
 
 
 def triton_rasterize(*args) -> Rasterized:
@@ -115,6 +222,7 @@ def nvdiffrast_rasterize(face_verts_image, face_verts_z, face_features, face_nor
 
 
 BACKENDS = [
+    Backend("brute force", brute_force_rasterize, ("cuda",)),
     Backend("reference", rasterize_reference, ("cpu", "cuda")),
     Backend("triton", triton_rasterize, ("cuda",), triton_missing),
     Backend("nvdiffrast", nvdiffrast_rasterize, ("cuda",), nvdiffrast_missing),
@@ -255,7 +363,8 @@ def peak_mib(step: Callable[[], None], device: torch.device) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda when available); some backends run on cuda only")
     parser.add_argument("--batch", type=int, default=48, help="batch of the main rows (a B=8 row is added)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per cell (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
