@@ -363,6 +363,7 @@ def test_brute_force_pass_of_the_benchmark_matches_the_reference(monkeypatch, dt
     for name, fn, knum in (("brute", bench.brute_force_rasterize, 3), ("reference", rasterize_reference, 3),
                            ("reference knum 30", rasterize_reference, 30)):
         verts, z, features, normals = _random_scene(0, num_faces=60, dtype=dtype)
+        verts[0, 5, 1, 0], z[1, 7, 2] = math.inf, -math.inf  # two non-finite faces, ignored by both
         verts.requires_grad_(True)
         features.requires_grad_(True)
         out = fn(verts, z, features, normals, 21, 26, sigma_inv=300.0, box_len=0.1, knum=knum)
