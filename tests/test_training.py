@@ -18,7 +18,7 @@ from networks import losses
 from utils.checkpoints import load_checkpoint
 from utils.model import build_template
 from utils.options import parse_options
-from utils.trainer import NonFiniteLossError
+from utils.trainer import NonFiniteLossError, Trainer
 from utils.trainer import train as run_training
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,6 +92,13 @@ def test_reusing_a_run_name_needs_resume(tmp_path, data_root):
         run_training(parse_options(args, {}))
     with pytest.raises(FileNotFoundError, match="without --resume"):
         run_training(parse_options(tiny_args(tmp_path, data_root, "never-ran", "--resume"), {}))
+
+
+@pytest.mark.parametrize("flag, expected", [((), True), (("--no-cudnn_benchmark",), False)])
+def test_cudnn_benchmark_flag_sets_the_backend_both_ways(tmp_path, data_root, monkeypatch, flag, expected):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", not expected)  # restored after the test
+    Trainer(parse_options(tiny_args(tmp_path, data_root, "cudnn", *flag), {}))
+    assert torch.backends.cudnn.benchmark is expected
 
 
 def test_azimuth_spread_prior_reads_each_steps_predicted_azimuths_only_when_asked(tmp_path, data_root, monkeypatch):

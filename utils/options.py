@@ -81,6 +81,10 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     g.add_argument("--sync_bn", **bool_flag, default=False,
                    help="with torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm) "
                    "instead of per process")
+    g.add_argument("--cudnn_benchmark", **bool_flag, default=True,
+                   help="let cuDNN time its convolution algorithms on each new input shape and keep the fastest, "
+                   "as the original did (README: training speed); with --no-cudnn_benchmark cuDNN's heuristic "
+                   "picks them, the same in every run")
     g.add_argument("--max_bad_steps", type=int, default=5,
                    help="stop with an error after this many consecutive steps with a non-finite loss")
 

@@ -64,6 +64,7 @@ class Trainer:
         self.opts, self.d = opts, derive(opts)
         self.dist = dist_info or DistInfo()
         self.device = resolve_device(opts.device)
+        torch.backends.cudnn.benchmark = opts.cudnn_benchmark  # process-wide, as in the original
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.run_dir = self.d.run_dir
