@@ -11,7 +11,7 @@ Triton path over the others. On CUDA a third table gives the rasterizer's GPU ti
 duration of the kernels, copies and fills of one call, read with torch.profiler. The wall times
 also hold the CPU's work (Python, autograd, launches), which at these sizes can exceed it. Backends:
 
-* brute force (CUDA): `brute_force_rasterize`, every pixel against every face in plain PyTorch,
+* brute-force (CUDA): `brute_force_rasterize`, every pixel against every face in plain PyTorch,
   the straightforward dense pass of spec/renderer-math.md §5.3; it shows what the reference's
   sparse enumeration and the kernels save (CUDA only: one B = 8, 128x128 call took 129 s on a
   2-core CPU).
@@ -28,7 +28,7 @@ CPU, the peak resident-set size above its value before the call (sampled every 0
 freed heap memory to the OS), which counts the allocator's reuse of earlier memory as 0, so read it as
 a lower bound; "n/a" where /proc/self/statm does not exist.
 
-    python bench/render.py [--device cpu|cuda] [--batch 48] [--repeats 5] [--threads N]
+    python bench/render.py [--device cpu|cuda] [--batch 48] [--repeats 5] [--threads N] [--backends NAME ...]
 """
 
 from __future__ import annotations
@@ -76,12 +76,12 @@ def brute_force_rasterize(face_verts_image, face_verts_z, face_features, face_no
                           sigma_inv=7000.0, box_len=0.02, knum=30) -> Rasterized:
     """DIB-R the obvious way: every pixel against every face, faces in chunks, plain autograd.
 
-    The dense pass of spec/renderer-math.md §5.3 (the "brute-force PyTorch pass over all pixel-face
-    pairs" that issue 4 sized the fast path against), to show what the reference's enumeration of
-    each face's box and the Triton kernels save. Same results as `rasterize_reference`
-    (tests/test_rasterize.py); faces with a non-finite corner are ignored as there. Each chunk holds
-    about `BRUTE_FORCE_PAIRS` pairs; the soft-mask chunks are recomputed in the backward
-    (torch.utils.checkpoint), so only their inputs and the (B, H·W, F) bool candidate flags stay.
+    The dense pass of spec/renderer-math.md §5.3, the baseline the fast path's speed target was set
+    against, to show what the reference's enumeration of each face's box and the Triton kernels
+    save. Same results as `rasterize_reference` (tests/test_rasterize.py); faces with a non-finite
+    corner are ignored as there. Each chunk holds about `BRUTE_FORCE_PAIRS` pairs; the soft-mask
+    chunks are recomputed in the backward (torch.utils.checkpoint), so only their inputs and the
+    (B, H·W, F) bool candidate flags stay.
     """
     check_inputs(face_verts_image, face_verts_z, face_features, face_normals_z, height, width,
                  sigma_inv, box_len, knum)
@@ -222,7 +222,7 @@ def nvdiffrast_rasterize(face_verts_image, face_verts_z, face_features, face_nor
 
 
 BACKENDS = [
-    Backend("brute force", brute_force_rasterize, ("cuda",)),
+    Backend("brute-force", brute_force_rasterize, ("cuda",)),
     Backend("reference", rasterize_reference, ("cpu", "cuda")),
     Backend("triton", triton_rasterize, ("cuda",), triton_missing),
     Backend("nvdiffrast", nvdiffrast_rasterize, ("cuda",), nvdiffrast_missing),
@@ -368,13 +368,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=48, help="batch of the main rows (a B=8 row is added)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per cell (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    names = [backend.name for backend in BACKENDS]
+    parser.add_argument("--backends", nargs="+", choices=names, default=names, metavar="NAME",
+                        help=f"columns to run, of {', '.join(names)} (default: all that can run here; "
+                        "brute-force is by far the slowest)")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     template = Template.icosphere()
     backends = []
-    for backend in BACKENDS:
+    for backend in (b for b in BACKENDS if b.name in args.backends):
         reason = backend.missing() if device.type in backend.devices else f"runs on {', '.join(backend.devices)} only"
         if reason is None:
             backends.append(backend)
