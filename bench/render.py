@@ -52,9 +52,10 @@ import torch.utils.checkpoint
 import renderer.render
 from renderer.mesh import Template
 from renderer.rasterize import (
-    AREA_EPS,
     MULTIPLIER,
     Rasterized,
+    _barycentrics,
+    _in_box,
     _nearest_feature,
     _pixel_centres,
     check_inputs,
@@ -89,6 +90,7 @@ def brute_force_rasterize(face_verts_image, face_verts_z, face_features, face_no
     pixels = height * width
     xs, ys = _pixel_centres(height, width, face_verts_image.dtype, face_verts_image.device)
     px, py = xs.repeat(height), ys.repeat_interleave(width)  # (H·W,), row-major pixel order
+    col_x, col_y = px[:, None], py[:, None]  # (H·W, 1), against a chunk's faces (B, 1, f)
     depth = face_verts_z.detach()
     finite = face_verts_image.detach().isfinite().flatten(2).all(2) & depth.isfinite().all(2)  # (B, F)
     verts = torch.where(finite[..., None, None], face_verts_image, 0.0) * MULTIPLIER  # scaled units
@@ -101,8 +103,8 @@ def brute_force_rasterize(face_verts_image, face_verts_z, face_features, face_no
         best_face = torch.full((batch, pixels), -1, dtype=torch.long, device=verts.device)
         for part in parts:
             v = verts[:, None, part].detach()  # (B, 1, f, 3, 2)
-            w = _dense_weights(v, px[:, None], py[:, None])  # (B, H·W, f, 3)
-            hit = (w >= 0).all(-1) & _dense_in_box(px, py, v.amin(-2), v.amax(-2)) & active[:, None, part]
+            w = _barycentrics(v, col_x, col_y)  # (B, H·W, f, 3)
+            hit = (w >= 0).all(-1) & _in_box(col_x, col_y, v.amin(-2), v.amax(-2)) & active[:, None, part]
             z = depth[:, None, part]
             z = w[..., 0] * z[..., 0] + w[..., 1] * z[..., 1] + w[..., 2] * z[..., 2]
             chunk_z, chunk_face = torch.where(hit, z, -torch.inf).max(-1)  # the first maximum
@@ -112,7 +114,7 @@ def brute_force_rasterize(face_verts_image, face_verts_z, face_features, face_no
 
     covered = best_face >= 0
     winner = best_face.clamp(min=0)[..., None, None]
-    weights = _dense_weights(verts.gather(1, winner.expand(batch, pixels, 3, 2)), px, py)  # (B, H·W, 3)
+    weights = _barycentrics(verts.gather(1, winner.expand(batch, pixels, 3, 2)), px, py)  # (B, H·W, 3)
     corner_features = face_features.gather(1, winner.expand(batch, pixels, 3, channels))
     features = torch.where(covered[..., None], (weights[..., None] * corner_features).sum(2), 0.0)
 
@@ -122,7 +124,7 @@ def brute_force_rasterize(face_verts_image, face_verts_z, face_features, face_no
     for part in parts:
         with torch.no_grad():
             v = verts[:, None, part].detach()
-            candidate = _dense_in_box(px, py, v.amin(-2) - margin, v.amax(-2) + margin) & finite[:, None, part]
+            candidate = _in_box(col_x, col_y, v.amin(-2) - margin, v.amax(-2) + margin) & finite[:, None, part]
             accepted = candidate & (seen[..., None] + candidate.cumsum(-1) <= knum)  # first knum by index
             seen += candidate.sum(-1)
         outside = outside * torch.utils.checkpoint.checkpoint(
@@ -131,26 +133,6 @@ def brute_force_rasterize(face_verts_image, face_verts_z, face_features, face_no
     return Rasterized(features=features.reshape(batch, height, width, channels),
                       soft_mask=soft_mask.reshape(batch, height, width),
                       face_idx=best_face.reshape(batch, height, width))
-
-
-def _dense_weights(v: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
-    """(..., 3) barycentrics of pixel centres for corners v (..., 3, 2), scaled units, as the reference
-    computes them; px, py broadcast against v[..., 0, 0]."""
-    ax, ay = v[..., 0, 0] - px, v[..., 0, 1] - py
-    bx, by = v[..., 1, 0] - px, v[..., 1, 1] - py
-    cx, cy = v[..., 2, 0] - px, v[..., 2, 1] - py
-    w0 = bx * cy - by * cx
-    w1 = cx * ay - cy * ax
-    w2 = ax * by - ay * bx
-    area = w0 + w1 + w2
-    area = area + torch.copysign(torch.full_like(area, AREA_EPS), area)
-    return torch.stack((w0, w1, w2), dim=-1) / area[..., None]
-
-
-def _dense_in_box(px: torch.Tensor, py: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """(B, H·W, f) half-open box test lo <= p < hi of every pixel centre against boxes (B, 1, f, 2)."""
-    px, py = px[:, None], py[:, None]
-    return (px >= lo[..., 0]) & (px < hi[..., 0]) & (py >= lo[..., 1]) & (py < hi[..., 1])
 
 
 def _dense_outside(corners: torch.Tensor, accepted: torch.Tensor, px: torch.Tensor, py: torch.Tensor,

@@ -289,8 +289,23 @@ def _uncovered_in_range(covered: Tensor, image: Tensor, ranges: tuple[Tensor, Te
 
 
 def _in_box(px: Tensor, py: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    """Kaolin's half-open box test lo <= p < hi on both axes; (K,) each, lo/hi (K, 2)."""
-    return (px >= lo[:, 0]) & (px < hi[:, 0]) & (py >= lo[:, 1]) & (py < hi[:, 1])
+    """Kaolin's half-open box test lo <= p < hi on both axes; px, py broadcast against lo/hi (..., 2)."""
+    return (px >= lo[..., 0]) & (px < hi[..., 0]) & (py >= lo[..., 1]) & (py < hi[..., 1])
+
+
+def _barycentrics(v: Tensor, px: Tensor, py: Tensor) -> Tensor:
+    """(..., 3) normalised edge weights of pixel centres for corners v (..., 3, 2), scaled units (§2.1);
+    px, py broadcast against v[..., 0, 0]. Kaolin's expressions in Kaolin's order, so exact-edge pixels
+    are decided as there."""
+    ax, ay = v[..., 0, 0] - px, v[..., 0, 1] - py
+    bx, by = v[..., 1, 0] - px, v[..., 1, 1] - py
+    cx, cy = v[..., 2, 0] - px, v[..., 2, 1] - py
+    w0 = bx * cy - by * cx
+    w1 = cx * ay - cy * ax
+    w2 = ax * by - ay * bx
+    area = w0 + w1 + w2
+    area = area + torch.copysign(torch.full_like(area, AREA_EPS), area)
+    return torch.stack((w0, w1, w2), dim=-1) / area[..., None]
 
 
 def _nearest_faces(verts: Tensor, verts_z: Tensor, active: Tensor, grid: _Grid) -> tuple[Tensor, Tensor, Tensor]:
@@ -310,16 +325,7 @@ def _nearest_faces(verts: Tensor, verts_z: Tensor, active: Tensor, grid: _Grid) 
         px, py = grid.xs[col], grid.ys[row]
         keep = _in_box(px, py, box_lo[owner], box_hi[owner])
         owner, pix, px, py = owner[keep], pix[keep], px[keep], py[keep]
-        v = corners[owner]
-        ax, ay = v[:, 0, 0] - px, v[:, 0, 1] - py
-        bx, by = v[:, 1, 0] - px, v[:, 1, 1] - py
-        cx, cy = v[:, 2, 0] - px, v[:, 2, 1] - py
-        w0 = bx * cy - by * cx
-        w1 = cx * ay - cy * ax
-        w2 = ax * by - ay * bx
-        area = w0 + w1 + w2
-        area = area + torch.copysign(torch.full_like(area, AREA_EPS), area)
-        weights = torch.stack((w0, w1, w2), dim=1) / area[:, None]
+        weights = _barycentrics(corners[owner], px, py)
         inside = (weights >= 0).all(1)
         owner, pix, weights = owner[inside], pix[inside], weights[inside]
         z = depths[owner]
