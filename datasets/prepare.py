@@ -60,8 +60,8 @@ class Archive:
     Attributes:
         name: file name in the downloads folder (the archive is recognised by content, not by name).
         drive_id: Google Drive id from the original README, or None where the file is not on Drive.
-        holds: the layout the archive must have: each entry is a run of consecutive folder names
-            that must appear in some member's path, e.g. ``("pytorch", "query")``.
+        holds: the layout the archive must have: each entry is a run of consecutive path parts
+            (folder or file names) that must appear in some member's path, e.g. ``("pytorch", "query")``.
     """
 
     name: str
@@ -70,7 +70,7 @@ class Archive:
 
     def layout(self) -> str:
         """The expected layout in words, for error messages."""
-        return " and ".join("/".join(names) + "/" for names in self.holds)
+        return " and ".join("/".join(names) for names in self.holds)
 
 
 class ArchiveError(RuntimeError):
@@ -152,7 +152,7 @@ def check_archive(path: Path, archive: Archive) -> None:
         k = len(names)
         if not any(parts[i:i + k] == names for parts in folders for i in range(len(parts) - k + 1)):
             raise ArchiveError(f"{path} does not have the layout of {archive.name} (expected {archive.layout()} "
-                               f"inside, missing {'/'.join(names)}/)")
+                               f"inside, missing {'/'.join(names)})")
 
 
 def unpack(archive: Path, destination: Path, expected: Archive | None = None) -> bool:

@@ -103,7 +103,7 @@ def test_archive_with_the_wrong_layout_is_rejected(tmp_path, capsys, monkeypatch
     fake_drive(monkeypatch, {CUB_DATA_ID: zip_tree(source, tmp_path / "wrong.zip")})
     code, out = run("prepare_cub", cub_args(data), capsys)
     assert code == 1
-    assert "does not have the layout of CUB_Data.zip (expected train/ and test/ inside, missing train/)" in out
+    assert "does not have the layout of CUB_Data.zip (expected train and test inside, missing train)" in out
     assert (data / "CUB_Data.zip.rejected").is_file() and not (data / "CUB_Data").exists()
 
 
@@ -153,7 +153,7 @@ def test_market_masks_archive_in_place_of_the_images_is_rejected(tmp_path, capsy
     masks = zip_tree(source / "hq" / "seg_hmr", tmp_path / "masks.zip", "hq/seg_hmr")
     fake_drive(monkeypatch, {"10gNi3n8Iny4O4MOZRs5dNFICfj8ri9eW": masks})
     code, out = run("prepare_market", ["--root", tmp_path / "Market", "--download"], capsys)
-    assert code == 1 and "expected pytorch/query/ inside, missing pytorch/query/" in out
+    assert code == 1 and "expected pytorch/query inside, missing pytorch/query" in out
 
 
 def test_atr_download_unpacks_prepares_and_checks(tmp_path, capsys, monkeypatch):
@@ -166,3 +166,60 @@ def test_atr_download_unpacks_prepares_and_checks(tmp_path, capsys, monkeypatch)
     code, out = run("prepare_ATR", ["--check", "--root", root], capsys)
     assert code == 0 and "no problems found" in out
     assert len(ATRDataset(root, "train", image_size=96, ratio=1.666666, threshold=None, aug=False, bg=False)) > 0
+
+
+# ----------------------------------------------------------------------------- trained models
+
+MARKET_RUN = "CamN2_MKT_wgan_b48_lr0.5_em7_update-1_lpl_reg0.1_data2_m2_flat20_depthR0.15_drop220_gap2_beta0.95_clean67"
+MARKET_MODEL_ID = "1-eqnnFt3D7-jUelJ5uj_4QcFv-TMok8c"
+
+
+@pytest.fixture
+def market_model_zip(tmp_path):
+    """The released archive's layout: <run>/ckpts/{best_ckpt.pth, best_mesh.obj} (content is not read here)."""
+    ckpts = tmp_path / "source" / MARKET_RUN / "ckpts"
+    ckpts.mkdir(parents=True)
+    (ckpts / "best_ckpt.pth").write_bytes(b"checkpoint")
+    (ckpts / "best_mesh.obj").write_text("v 0 0 0\n")
+    return zip_tree(tmp_path / "source", tmp_path / "model.zip")
+
+
+def test_download_models_puts_the_run_where_the_original_readme_does(tmp_path, market_model_zip, capsys,
+                                                                     monkeypatch):
+    asked = fake_drive(monkeypatch, {MARKET_MODEL_ID: market_model_zip})
+    log = tmp_path / "log"
+    code, out = run("download_models", ["market", "--log_root", log], capsys)
+    assert code == 0, out
+    assert asked == [MARKET_MODEL_ID] and f"python test.py --name {MARKET_RUN}" in out
+    assert (log / MARKET_RUN / "ckpts" / "best_ckpt.pth").read_bytes() == b"checkpoint"
+    code, out = run("download_models", ["market", "--log_root", log], capsys)
+    assert code == 0 and "already in place" in out and len(asked) == 1
+
+
+def test_download_models_rejects_a_truncated_archive_and_resumes(tmp_path, market_model_zip, capsys, monkeypatch):
+    truncated = tmp_path / "truncated.zip"
+    truncated.write_bytes(market_model_zip.read_bytes()[:-30])
+    fake_drive(monkeypatch, {MARKET_MODEL_ID: truncated})
+    log = tmp_path / "log"
+    code, out = run("download_models", ["market", "--log_root", log], capsys)
+    assert code == 1 and "is not a complete zip or tar archive" in out and not (log / MARKET_RUN).exists()
+    fake_drive(monkeypatch, {MARKET_MODEL_ID: market_model_zip})
+    code, out = run("download_models", ["market", "--log_root", log], capsys)
+    assert code == 0 and (log / MARKET_RUN / "ckpts" / "best_mesh.obj").is_file()
+
+
+def test_download_models_wrong_layout_and_offline(tmp_path, capsys, monkeypatch):
+    source = tmp_path / "source" / "ckpts"
+    source.mkdir(parents=True)
+    (source / "best_ckpt.pth").write_bytes(b"checkpoint")  # no best_mesh.obj
+    fake_drive(monkeypatch, {MARKET_MODEL_ID: zip_tree(tmp_path / "source", tmp_path / "model.zip")})
+    code, out = run("download_models", ["market", "--log_root", tmp_path / "log"], capsys)
+    assert code == 1 and "missing ckpts/best_mesh.obj" in out
+
+    def offline(**kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr("gdown.download", offline)
+    code, out = run("download_models", ["cub", "--log_root", tmp_path / "log"], capsys)
+    assert code == 1 and "downloading CUB_wgan_b48" in out and "failed (ConnectionError: no network)" in out
+    assert "ckpts/best_ckpt.pth exists" in out and "save it as" in out
