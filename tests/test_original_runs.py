@@ -346,7 +346,7 @@ def test_scripts_run_on_an_original_run_folder(tmp_path, original_keys, capsys, 
     assert "converted the original's run folder" in out and "2 test images, market" in out
     assert "mask IoU (soft)" in out and (run_dir / "metrics.jsonl").is_file()
 
-    assert script("show_rainbow2").main(run_args + ["--num_images", "2"]) == 0
+    assert script("show_rainbow2").main(run_args + ["--num_images", "1"]) == 0
     assert "converted" not in capsys.readouterr().out.split("test images")[0]
     assert (run_dir / "current_rainbow.gif").is_file() and (run_dir / "meshes" / "template.obj").is_file()
 
