@@ -58,7 +58,7 @@ class Archive:
     """One archive a prepare script (or `download_models.py`) can fetch and unpack.
 
     Attributes:
-        name: file name in the downloads folder (the archive is recognised by content, not by name).
+        name: file name in the downloads folder (zip or tar is told by content, not by the name).
         drive_id: Google Drive id from the original README, or None where the file is not on Drive.
         holds: the layout the archive must have: each entry is a run of consecutive path parts
             (folder or file names) that must appear in some member's path, e.g. ``("pytorch", "query")``.
@@ -380,7 +380,8 @@ def prepare_cub(raw: Path, root: Path) -> dict[str, int]:
     for folder in ("images", "segmentations"):
         if not (raw / folder).is_dir():
             raise FileNotFoundError(f"{raw / folder} is missing: unpack CUB_200_2011.tgz and segmentations.tgz "
-                                    f"(segmentations/ goes inside {raw})")
+                                    f"(segmentations/ goes inside {raw}), or run prepare_cub.py --download to fetch "
+                                    "the processed CUB_Data of the original README")
     counts: dict[str, int] = defaultdict(int)
     done: dict[Path, set[str]] = {}  # per output folder: stems with both files already there
     for entry in read_cub_metadata(raw):
