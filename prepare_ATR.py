@@ -5,7 +5,7 @@ Writes a binary, hole-filled person mask ``Seg/<stem>_<r>.png`` for every parsin
 ``ATR_test.txt`` (16,000 / 1,706 with the original per-prefix counts; see `datasets.atr`). Running
 it again only does what is missing.
 
-    python prepare_ATR.py --download --drive_id ATR.zip=ID
+    python prepare_ATR.py --download      # fetch the processed ATR archive of the original README
     python prepare_ATR.py                 # archive already in data/ATR/downloads/, or folders in data/ATR
     python prepare_ATR.py --check         # validate data/ATR, change nothing
 """
@@ -15,18 +15,20 @@ import sys
 from datasets import DEFAULT_ROOTS
 from datasets.atr import IMAGE_FOLDER, PARSING_FOLDER
 from datasets.prepare import (
+    Archive,
     check_atr,
     fetch_and_unpack,
     find_folder,
     move_into,
+    parse_drive_ids,
     prepare_parser,
     run_check,
     write_atr_lists,
     write_atr_masks,
 )
 
-DRIVE_IDS: dict[str, str | None] = {"ATR.zip": None}
-"""Archive -> Google Drive id of the original README's link; not recorded offline, so None."""
+ARCHIVES = (Archive("ATR.zip", "1kpsMDrbM4FQqtP7Y1nKslp4OlRKNvbaL", ((IMAGE_FOLDER,), (PARSING_FOLDER,))),)
+"""The processed ATR data, with the original README's Drive id."""
 MANUAL = ("the processed ATR data ('humanparsing' with JPEGImages/ and SegmentationClassAug/) linked from the "
           "README of github.com/layumi/3D-Magic-Mirror")
 
@@ -34,14 +36,14 @@ MANUAL = ("the processed ATR data ('humanparsing' with JPEGImages/ and Segmentat
 def main(argv=None) -> int:
     parser = prepare_parser(__doc__.splitlines()[0], DEFAULT_ROOTS["atr"],
                             "dataset folder (receives JPEGImages/, SegmentationClassAug/, Seg/ and the lists)",
-                            DRIVE_IDS)
+                            ARCHIVES)
     args = parser.parse_args(argv)
 
     if args.check:
         return run_check(check_atr, args.root, "ATR")
     downloads = args.root / "downloads"
     try:
-        fetch_and_unpack(args, DRIVE_IDS, downloads, MANUAL)
+        fetch_and_unpack(parse_drive_ids(args.drive_id, ARCHIVES), downloads, MANUAL, args.download)
         for folder in (IMAGE_FOLDER, PARSING_FOLDER):
             if not (args.root / folder).is_dir() and downloads.is_dir():
                 move_into(find_folder(downloads, folder), args.root / folder)

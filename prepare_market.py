@@ -4,7 +4,7 @@ Puts the downloaded ``pytorch/`` (images) and ``seg_hmr/`` (masks) folders under
 gives every mask its ``_<r>.png`` foreground-ratio name (the downloaded masks normally have it; the
 original script only printed the ratios). Running it again only does what is missing.
 
-    python prepare_market.py --download --drive_id Market-HQ.zip=ID --drive_id Market-Seg-HMR.zip=ID
+    python prepare_market.py --download   # fetch the two archives of the original README, then as below
     python prepare_market.py              # archives already in data/Market/downloads/
     python prepare_market.py --check      # validate data/Market, change nothing
 """
@@ -14,33 +14,38 @@ import sys
 from datasets import DEFAULT_ROOTS
 from datasets.market import IMAGE_FOLDER, MASK_FOLDER, SPLIT_FOLDERS
 from datasets.prepare import (
+    Archive,
     check_market,
     fetch_and_unpack,
     find_folder,
     move_into,
     name_market_masks,
+    parse_drive_ids,
     prepare_parser,
     run_check,
     summarize_class_tree,
 )
 
-DRIVE_IDS: dict[str, str | None] = {"Market-HQ.zip": None, "Market-Seg-HMR.zip": None}
-"""Archive -> Google Drive id of the original README's links; not recorded offline, so None."""
-MANUAL = ("the Market-HQ images ('pytorch' folder) and Market-Seg-HMR masks linked from the README of "
-          "github.com/layumi/3D-Magic-Mirror")
+ARCHIVES = (
+    Archive("Market-HQ.zip", "10gNi3n8Iny4O4MOZRs5dNFICfj8ri9eW", ((IMAGE_FOLDER, SPLIT_FOLDERS["test"]),)),
+    Archive("Market-Seg-HMR.zip", "1JwQTQA4F9WOqLAc7fhQN0DTYwnv6XrAR", ((MASK_FOLDER, SPLIT_FOLDERS["test"]),)),
+)
+"""The Market-HQ images and the smoothed HMR foreground masks, with the original README's Drive ids."""
+MANUAL = ("the Market-HQ images ('pytorch' folder) and Market-Seg-HMR masks ('seg_hmr' folder) linked from the "
+          "README of github.com/layumi/3D-Magic-Mirror")
 
 
 def main(argv=None) -> int:
     parser = prepare_parser(__doc__.splitlines()[0], DEFAULT_ROOTS["market"],
                             "dataset folder (receives pytorch/ and seg_hmr/; archives go to <root>/downloads)",
-                            DRIVE_IDS)
+                            ARCHIVES)
     args = parser.parse_args(argv)
 
     if args.check:
         return run_check(check_market, args.root, "Market")
     downloads = args.root / "downloads"
     try:
-        fetch_and_unpack(args, DRIVE_IDS, downloads, MANUAL)
+        fetch_and_unpack(parse_drive_ids(args.drive_id, ARCHIVES), downloads, MANUAL, args.download)
         for folder in (IMAGE_FOLDER, MASK_FOLDER):
             if not (args.root / folder).is_dir() and downloads.is_dir():
                 move_into(find_folder(downloads, folder, containing=(SPLIT_FOLDERS["test"],)), args.root / folder)

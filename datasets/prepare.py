@@ -4,13 +4,16 @@ Per dataset: `prepare_cub` / `check_cub`, `name_market_masks` / `check_market`, 
 `write_atr_lists` / `check_atr`. Every preparation step is idempotent (work already done is
 detected and skipped) and every check is read-only. Shared steps:
 
-* `download_from_drive`: the only network step, a thin wrapper around gdown. The Google Drive ids
-  of the original README are not recorded in this project's specification and cannot be looked up
-  offline, so each script keeps them in a named constant that is None until filled in; the scripts
-  also take ``--drive_id NAME=ID``. Without an id, the download fails with a message saying where
-  to get the archive by hand.
-* `fetch_archives`, `unpack_all` / `unpack`: download what is missing, extract each archive once
-  (a marker file records completion), safely (tar "data" filter).
+* `Archive`: one archive of the original README (file name, Google Drive id, expected layout);
+  each script lists its archives with the ids of the original README (``--drive_id NAME=ID``
+  overrides one).
+* `download_from_drive`: the only network step, a thin wrapper around gdown (to ``<name>.part``,
+  renamed when complete). Offline or on a failure it stops with a message saying what to fetch by
+  hand and where to put it.
+* `check_archive`, `unpack`, `fetch_and_unpack`: every archive is read completely and its layout
+  checked before it is extracted (a bad one is set aside as ``<name>.rejected``); extraction goes
+  through a staging folder and a marker file records completion, so an interrupted run leaves
+  nothing that looks complete and the next run resumes.
 * `find_folder`, `move_into`: put the unpacked folders where the loaders expect them.
 * `CheckReport` / `check_pairs`: the ``--check`` validation (read-only).
 * `prepare_parser`, `run_check`, `fetch_and_unpack`: the command-line skeleton the three scripts
@@ -24,10 +27,11 @@ import os
 import shutil
 import tarfile
 import zipfile
+import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -49,100 +53,170 @@ RATIO_TOLERANCE = 0.005 + 1e-9
 """A mask name's two-decimal ratio may differ from the content's ratio by its rounding, no more."""
 
 
-def parse_drive_ids(pairs: Iterable[str], known: dict[str, str | None]) -> dict[str, str | None]:
-    """``known`` updated with ``NAME=ID`` pairs from the command line; ValueError on unknown names."""
-    ids = dict(known)
+@dataclass(frozen=True)
+class Archive:
+    """One archive a prepare script (or `download_models.py`) can fetch and unpack.
+
+    Attributes:
+        name: file name in the downloads folder (zip or tar is told by content, not by the name).
+        drive_id: Google Drive id from the original README, or None where the file is not on Drive.
+        holds: the layout the archive must have: each entry is a run of consecutive path parts
+            (folder or file names) that must appear in some member's path, e.g. ``("pytorch", "query")``.
+    """
+
+    name: str
+    drive_id: str | None
+    holds: tuple[tuple[str, ...], ...]
+
+    def layout(self) -> str:
+        """The expected layout in words, for error messages."""
+        return " and ".join("/".join(names) for names in self.holds)
+
+
+class ArchiveError(RuntimeError):
+    """A downloaded or dropped-in archive that is incomplete or does not hold the expected layout."""
+
+
+def parse_drive_ids(pairs: Iterable[str], archives: Iterable[Archive]) -> list[Archive]:
+    """``archives`` with the ids of ``NAME=ID`` pairs from the command line; ValueError on unknown names."""
+    by_name = {a.name: a for a in archives}
     for pair in pairs:
         name, sep, file_id = pair.partition("=")
-        if not sep or name not in ids or not file_id:
-            raise ValueError(f"--drive_id expects NAME=ID with NAME one of {sorted(ids)}, got {pair!r}")
-        ids[name] = file_id
-    return ids
+        if not sep or name not in by_name or not file_id:
+            raise ValueError(f"--drive_id expects NAME=ID with NAME one of {sorted(by_name)}, got {pair!r}")
+        by_name[name] = replace(by_name[name], drive_id=file_id)
+    return list(by_name.values())
 
 
-def download_from_drive(file_id: str | None, path: Path, what: str, manual: str) -> Path:
-    """Download one Google Drive file to ``path`` with gdown (the only network step); returns ``path``.
+def download_from_drive(archive: Archive, folder: Path, manual: str) -> Path:
+    """Download ``archive`` into ``folder`` with gdown (the only network step); returns its path.
 
-    Raises RuntimeError naming ``manual`` (where to get ``what`` by hand) when ``file_id`` is None or
-    the download fails.
+    The file is written as ``<name>.part`` and renamed when complete, so an interrupted download
+    never looks like an archive. Raises RuntimeError naming ``manual`` (where to get it by hand and
+    where to put it) when there is no id or the download fails (offline, quota, moved file).
     """
-    if file_id is None:
-        raise RuntimeError(
-            f"No Google Drive id is known for {what}. Download it by hand ({manual}), save it as {path} "
-            "and run the script again without --download, or pass --drive_id NAME=ID."
-        )
+    path = folder / archive.name
+    by_hand = f"Get it by hand ({manual}), save it as {path} and run the script again"
+    if archive.drive_id is None:
+        raise RuntimeError(f"No Google Drive id is known for {archive.name}. {by_hand} "
+                           "(or pass --drive_id NAME=ID).")
     import gdown  # only needed (and only able to work) with network access
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if gdown.download(id=file_id, output=str(path), quiet=False) is None:
-        raise RuntimeError(f"downloading {what} (Google Drive id {file_id}) failed; get it by hand: {manual}")
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.part")
+    try:
+        result = gdown.download(id=archive.drive_id, output=str(partial), quiet=False)
+    except Exception as err:  # gdown and requests report offline / quota / moved files in many types
+        result, reason = None, f"{type(err).__name__}: {err}"
+    else:
+        reason = "gdown returned nothing"
+    if result is None or not partial.is_file():
+        partial.unlink(missing_ok=True)
+        raise RuntimeError(f"downloading {archive.name} (Google Drive id {archive.drive_id}) failed ({reason}). "
+                           f"{by_hand}.")
+    partial.replace(path)
     return path
 
 
-def archives_in(folder: Path) -> list[Path]:
-    """Zip or tar files directly inside ``folder`` (sorted; recognised by content, not by name)."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and (zipfile.is_zipfile(p) or tarfile.is_tarfile(p)))
+def _member_paths(path: Path) -> list[str]:
+    """Names of every member of a zip or tar file after reading all of its data (CRC / stream checked).
+
+    Raises ArchiveError for a file that is neither, or is truncated or corrupt.
+    """
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                bad = zf.testzip()
+                if bad is not None:
+                    raise ArchiveError(f"{path} is corrupt (member {bad} fails its CRC check)")
+                return zf.namelist()
+        if tarfile.is_tarfile(path):
+            names = []
+            with tarfile.open(path) as tf:
+                for member in tf:  # reading every member to the end finds a truncated stream
+                    names.append(member.name)
+                    if member.isfile():
+                        with tf.extractfile(member) as data:
+                            while data.read(1 << 20):
+                                pass
+            return names
+    except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, zlib.error) as err:
+        raise ArchiveError(f"{path} is truncated or corrupt ({type(err).__name__}: {err})") from err
+    raise ArchiveError(f"{path} is not a complete zip or tar archive (truncated download?)")
 
 
-def unpack(archive: Path, destination: Path) -> bool:
+def check_archive(path: Path, archive: Archive) -> None:
+    """Raise ArchiveError unless ``path`` is a complete zip/tar holding ``archive.holds``."""
+    folders = [PurePosixPath(name).parts for name in _member_paths(path)]
+    for names in archive.holds:
+        k = len(names)
+        if not any(parts[i:i + k] == names for parts in folders for i in range(len(parts) - k + 1)):
+            raise ArchiveError(f"{path} does not have the layout of {archive.name} (expected {archive.layout()} "
+                               f"inside, missing {'/'.join(names)})")
+
+
+def unpack(archive: Path, destination: Path, expected: Archive | None = None) -> bool:
     """Extract a zip or tar ``archive`` into ``destination`` unless done before; True if it extracted now.
 
-    A marker ``.<archive name>.unpacked`` in ``destination`` is written after a complete extraction,
-    so an interrupted one is redone. Tar members are extracted with the "data" filter (no absolute
-    paths, no links out of ``destination``).
+    The archive is first checked (`check_archive`, when ``expected`` is given; a bad file is renamed
+    ``<name>.rejected`` so that ``--download`` fetches it again, and ArchiveError says so). It is
+    then extracted into ``destination/.<name>.partial/`` and its top-level entries are moved into
+    ``destination`` (entries already there are kept), so an interrupted extraction never leaves a
+    half-filled folder where the loaders look; the next run starts the extraction again. A marker
+    ``.<name>.unpacked`` records completion. Tar members are extracted with the "data" filter (no
+    absolute paths, no links out of ``destination``).
     """
     marker = destination / f".{archive.name}.unpacked"
     if marker.exists():
         return False
-    destination.mkdir(parents=True, exist_ok=True)
+    if expected is not None:
+        try:
+            check_archive(archive, expected)
+        except ArchiveError as err:
+            rejected = archive.with_name(f"{archive.name}.rejected")
+            archive.replace(rejected)
+            raise ArchiveError(f"{err}. It was renamed {rejected.name}: run the script with --download again to "
+                               "fetch it anew, or put a good copy in its place.") from err
+    staging = destination / f".{archive.name}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)  # left by an interrupted run
+    staging.mkdir(parents=True)
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf:
-            zf.extractall(destination)
+            zf.extractall(staging)
     else:
         with tarfile.open(archive) as tf:
-            tf.extractall(destination, filter="data")
+            tf.extractall(staging, filter="data")
+    for entry in sorted(staging.iterdir()):
+        if not (destination / entry.name).exists():
+            entry.replace(destination / entry.name)
+    shutil.rmtree(staging)
     marker.touch()
     return True
 
 
-def fetch_archives(drive_ids: dict[str, str | None], folder: Path, manual: str) -> None:
-    """Download every archive of ``drive_ids`` (file name -> id) missing from ``folder``."""
-    for name, file_id in drive_ids.items():
-        if not (folder / name).exists():
-            download_from_drive(file_id, folder / name, name, manual)
-
-
-def unpack_all(folder: Path) -> list[Path]:
-    """Unpack every archive in ``folder`` into ``folder/<archive name>.d/``; returns those unpacked now."""
-    return [a for a in archives_in(folder) if unpack(a, folder / f"{a.name}.d")]
-
-
-def fetch_and_unpack(args: argparse.Namespace, drive_ids: dict[str, str | None], folder: Path, manual: str,
+def fetch_and_unpack(archives: Iterable[Archive], folder: Path, manual: str, download: bool,
                      in_place: bool = False) -> None:
-    """With ``args.download``, fetch the archives missing from ``folder``; then unpack; print each unpacked now.
+    """With ``download``, fetch the ``archives`` missing from ``folder``; then check and unpack each one
+    present; print each unpacked now.
 
-    ``drive_ids`` (archive name -> id) is updated with the ``--drive_id`` pairs of ``args``. With
-    ``in_place`` only the ``drive_ids`` archives present are unpacked, straight into ``folder`` (CUB's
-    archives hold their own top folder); otherwise every archive in ``folder`` goes to its own
-    ``<name>.d/`` (`unpack_all`). Raises RuntimeError (download) and ValueError (bad ``--drive_id``).
+    With ``in_place`` each archive is unpacked straight into ``folder`` (CUB's raw tarballs hold their
+    own top folder); otherwise into its own ``folder/<name>.d/``. Raises RuntimeError (download) and
+    ArchiveError (bad archive).
     """
-    if args.download:
-        fetch_archives(parse_drive_ids(args.drive_id, drive_ids), folder, manual)
-    if in_place:
-        unpacked = [folder / name for name in drive_ids
-                    if (folder / name).is_file() and unpack(folder / name, folder)]
-    else:
-        unpacked = unpack_all(folder)
-    for archive in unpacked:
-        print(f"unpacked {archive}")
+    for archive in archives:
+        path = folder / archive.name
+        if download and not path.is_file():
+            download_from_drive(archive, folder, manual)
+        if path.is_file() and unpack(path, folder if in_place else folder / f"{archive.name}.d", archive):
+            print(f"unpacked {path}")
 
 
 def find_folder(search_root: Path, name: str, containing: Iterable[str] = ()) -> Path | None:
-    """The shallowest folder called ``name`` under ``search_root`` holding every entry in ``containing``."""
-    candidates = sorted(search_root.rglob(name), key=lambda p: (len(p.parts), str(p)))
-    for path in candidates:
+    """The shallowest folder called ``name`` under ``search_root`` holding every entry in ``containing``;
+    ``name="*"`` accepts any folder, ``search_root`` itself included."""
+    candidates = [*search_root.rglob(name), *([search_root] if name == "*" else [])]
+    for path in sorted(candidates, key=lambda p: (len(p.parts), str(p))):
         if path.is_dir() and all((path / c).exists() for c in containing):
             return path
     return None
@@ -187,15 +261,15 @@ class CheckReport:
 
 
 def prepare_parser(description: str, default_root: Path, root_help: str,
-                   drive_ids: dict[str, str | None]) -> argparse.ArgumentParser:
+                   archives: Iterable[Archive]) -> argparse.ArgumentParser:
     """The flags of every prepare script: ``--root``, ``--download``, ``--drive_id ARCHIVE=ID`` (repeatable,
-    names from ``drive_ids``) and ``--check``; a script adds its own flags to the parser it gets."""
+    names from ``archives``) and ``--check``; a script adds its own flags to the parser it gets."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--root", type=Path, default=default_root, help=root_help)
     parser.add_argument("--download", action="store_true",
-                        help="download the missing archives first (needs their Google Drive ids)")
+                        help="download the missing archives first (Google Drive ids of the original README)")
     parser.add_argument("--drive_id", action="append", default=[], metavar="ARCHIVE=ID",
-                        help=f"Google Drive id of an archive, one of {sorted(drive_ids)}")
+                        help=f"another Google Drive id for an archive, one of {sorted(a.name for a in archives)}")
     parser.add_argument("--check", action="store_true", help="only validate --root and report problems")
     return parser
 
@@ -306,7 +380,8 @@ def prepare_cub(raw: Path, root: Path) -> dict[str, int]:
     for folder in ("images", "segmentations"):
         if not (raw / folder).is_dir():
             raise FileNotFoundError(f"{raw / folder} is missing: unpack CUB_200_2011.tgz and segmentations.tgz "
-                                    f"(segmentations/ goes inside {raw})")
+                                    f"(segmentations/ goes inside {raw}), or run prepare_cub.py --download to fetch "
+                                    "the processed CUB_Data of the original README")
     counts: dict[str, int] = defaultdict(int)
     done: dict[Path, set[str]] = {}  # per output folder: stems with both files already there
     for entry in read_cub_metadata(raw):

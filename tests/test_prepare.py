@@ -91,13 +91,20 @@ def test_prepare_cub_unpacks_archives(tmp_path, cub_raw, capsys):
     assert (raw / "segmentations" / "001.Alpha" / "Bird_0001.png").is_file()
 
 
-def test_prepare_cub_missing_raw_and_download_without_id(tmp_path, capsys):
+def offline(**kwargs):
+    """gdown.download as it fails without network access."""
+    raise ConnectionError("Failed to resolve the host (no network)")
+
+
+def test_prepare_cub_missing_raw_and_download_offline(tmp_path, capsys, monkeypatch):
     code, out = run("prepare_cub", ["--raw", tmp_path / "nothing", "--root", tmp_path / "out",
                                     "--archives", tmp_path], capsys)
     assert code == 1 and "unpack CUB_200_2011.tgz" in out
+    monkeypatch.setattr("gdown.download", offline)
     code, out = run("prepare_cub", ["--download", "--archives", tmp_path, "--root", tmp_path / "out"], capsys)
-    assert code == 1 and "No Google Drive id is known for CUB_200_2011.tgz" in out
-    assert "caltech.edu" in out
+    assert code == 1 and "downloading CUB_Data.zip (Google Drive id 1SkX_FWUfLOaTr371TBkQnDH9oDJ5Khwc) failed" in out
+    assert f"save it as {tmp_path / 'CUB_Data.zip'}" in out and "caltech.edu" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no partial download left behind
 
 
 def test_check_cub_reports_problems_without_changing_the_tree(tmp_path, cub_raw, capsys):
@@ -166,11 +173,12 @@ def test_prepare_market_unpacks_names_masks_and_checks(tmp_path, capsys, monkeyp
     assert code == 1 and "PROBLEM mask without its image: 1" in out and "PROBLEM empty split: 1" in out
 
 
-def test_prepare_market_bad_drive_id_argument(tmp_path, capsys):
+def test_prepare_market_bad_drive_id_argument(tmp_path, capsys, monkeypatch):
     code, out = run("prepare_market", ["--root", tmp_path, "--download", "--drive_id", "nonsense"], capsys)
     assert code == 1 and "--drive_id expects NAME=ID" in out
+    monkeypatch.setattr("gdown.download", offline)
     code, out = run("prepare_market", ["--root", tmp_path, "--download"], capsys)
-    assert code == 1 and "No Google Drive id is known for Market-HQ.zip" in out
+    assert code == 1 and "downloading Market-HQ.zip (Google Drive id 10gNi3n8Iny4O4MOZRs5dNFICfj8ri9eW) failed" in out
 
 
 # ----------------------------------------------------------------------------- ATR

@@ -9,7 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = [
     "train.py", "train_market.py", "train_ATR2.py", "test.py", "show_rainbow2.py", "demo.py",
-    "prepare_cub.py", "prepare_market.py", "prepare_ATR.py",
+    "prepare_cub.py", "prepare_market.py", "prepare_ATR.py", "download_models.py",
 ]
 
 

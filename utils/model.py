@@ -99,16 +99,22 @@ class TrainedRun:
 def load_run(run_dir: Path, which: str = "best", device: str = "cpu", swa: bool = False) -> TrainedRun:
     """Rebuild a run's encoder (eval mode) and learned template from `opts.yaml` and a checkpoint.
 
+    A run folder of the original code (its released models) is converted once on first use
+    (`utils.released.run_folder`).
+
     Args:
         run_dir: log/<name>.
         which: 'best', 'latest', or a path to a checkpoint file.
         swa: load the stochastic-weight-averaged encoder instead of the last one.
     Raises FileNotFoundError (never evaluates an untrained model) and ValueError for a checkpoint
-    without SWA weights when `swa` is asked for.
+    without SWA weights when `swa` is asked for, or an original run folder that cannot be converted.
     """
+    from utils.released import run_folder  # utils.released builds its encoders with this module
+
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir} not found: check --name (runs live in log/<name>)")
+    run_dir = run_folder(run_dir)
     opts = load_options(run_dir / "opts.yaml")
     path = Path(which) if which not in ("best", "latest") else run_dir / "ckpts" / f"{which}.pt"
     ckpt = load_checkpoint(path)
