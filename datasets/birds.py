@@ -10,9 +10,9 @@ Birds (`BirdSpecies`, `bird_mesh`), object frame of the model: beak towards +x, 
 through z = 0 (left/right). A bird is a tube around the x axis: the slice at x is the ellipse
 ``(y_c(x) + h(x) cos phi, w(x) sin phi)``, where the side-view outline (top ``y_c + h``, bottom
 ``y_c - h``) and the half-width ``w`` are smooth maxima over the parts: a pitched body ellipsoid, a
-round head, a conical beak, a long flat tail, the folded wings (flank bulges and the primaries over
-the tail base). Since x increases monotonically along the tube, the surface never crosses itself:
-``NUM_RINGS`` rings of ``NUM_AROUND`` vertices plus the two tips give a closed genus-0 mesh of
+neck, a round head, a conical beak, a long flat tail, the folded wings (flank bulges and the
+primaries over the tail base). Since x increases monotonically along the tube, the surface never
+crosses itself: ``NUM_RINGS`` rings of ``NUM_AROUND`` vertices plus the two tips give a closed genus-0 mesh of
 ``2 + NUM_RINGS * NUM_AROUND`` vertices, the same for every bird, whose vertex set is exactly
 z-symmetric (``verts[flip] == verts * (1, 1, -1)``). Every bird is centred (vertex mean 0) and scaled
 to a length (x extent) of about 1.8, the template's. A species (class folder) fixes the proportions and
@@ -21,9 +21,9 @@ same on both sides): back, belly, head cap, breast, eye with a stripe above it, 
 tail with a band, beak, plus a fine feather noise.
 
 Images: a camera with azimuth uniform in (-180, 180] and elevation uniform in the given range frames
-the bird as CUB's preparation crops it (the bounding box plus a margin of 10 % of its size on each
-side, padded to a square): the distance and look-at offset of our camera (`renderer.camera`) are
-solved so that the bird's projected bounding box is centred and its longer side spans
+the bird as CUB's preparation crops it (the bounding box plus a margin on each side, here 5-15 % of
+its longer side, padded to a square): the distance and look-at offset of our camera
+(`renderer.camera`) are solved so that the bird's projected bounding box is centred and its longer side spans
 ``1 / (1 + 2 margin)`` of the frame. Where that would put the camera nearer than the distance range
 allows (views along the bird), the camera stays at the nearest allowed distance and the margin
 grows. The image the loader returns is the rendered frame itself, so its camera is exact, at any
@@ -89,6 +89,13 @@ TEXTURE_SIZE = (128, 256)
 BIRD_LENGTH = 1.8
 """x extent of every bird (the template's)."""
 JPEG_QUALITY = 95
+JITTER = 0.12
+"""Largest relative deviation of an instance's proportions from its species'."""
+SATURATED = np.array([[0.85, 0.12, 0.08], [0.95, 0.8, 0.1], [0.15, 0.35, 0.85], [0.95, 0.5, 0.1],
+                      [0.05, 0.05, 0.05], [0.3, 0.6, 0.2]])
+"""Colours of the bright patches (sRGB): red, yellow, blue, orange, black, green."""
+BEAKS = np.array([[0.12, 0.1, 0.09], [0.95, 0.65, 0.15], [0.55, 0.5, 0.45]])
+"""Beak colours (sRGB): dark, yellow-orange, horn."""
 HINT = "generate it with datasets.birds.ensure_birds (`python train.py --dataset birds` does)"
 
 
@@ -162,13 +169,6 @@ class BirdSpecies:
         return BirdSpecies(**values)
 
 
-JITTER = 0.12
-SATURATED = np.array([[0.85, 0.12, 0.08], [0.95, 0.8, 0.1], [0.15, 0.35, 0.85], [0.95, 0.5, 0.1],
-                      [0.05, 0.05, 0.05], [0.3, 0.6, 0.2]])
-"""Colours of the bright patches (sRGB): red, yellow, blue, orange, black, green."""
-BEAKS = np.array([[0.12, 0.1, 0.09], [0.95, 0.65, 0.15], [0.55, 0.5, 0.45]])
-
-
 def _smooth_max(values: np.ndarray, sharpness: float, axis: int = 0) -> np.ndarray:
     """Log-sum-exp maximum over ``axis``; -inf entries (part absent at this x) are ignored."""
     top = values.max(axis=axis, keepdims=True)
@@ -178,9 +178,10 @@ def _smooth_max(values: np.ndarray, sharpness: float, axis: int = 0) -> np.ndarr
 
 
 def _ellipse_slice(x: np.ndarray, centre, semi_axes, angle_deg: float) -> tuple[np.ndarray, np.ndarray]:
-    """Lowest and highest y of a rotated ellipse at each x (both -inf/+inf swapped where it is absent).
+    """Lowest and highest y of an ellipse rotated by ``angle_deg`` at each x.
 
-    Returns (lower, upper): where the vertical line misses the ellipse, lower = +inf and upper = -inf.
+    Returns (lower, upper): where the vertical line misses the ellipse, lower = +inf and upper = -inf,
+    so that the smooth maximum / minimum over the parts ignores it.
     """
     a, b = semi_axes
     c, s = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))
