@@ -554,14 +554,17 @@ def _render_mesh_arrays(verts: np.ndarray, faces: np.ndarray) -> tuple[np.ndarra
     n, rings = NUM_AROUND, NUM_RINGS
     normals = _vertex_normals(verts, faces)
     ring_ids = 2 + np.arange(rings)[:, None] * n + np.arange(n + 1)[None] % n  # (R, n + 1)
-    v_ring = (np.arange(rings) + 1) / (rings + 1)
+    v_ring = ring_parameters()  # the texture's rows run along t (see `plumage`)
     u_ring = np.arange(n + 1) / n
     uv_ring = np.stack(np.broadcast_arrays(u_ring[None], v_ring[:, None]), -1).reshape(-1, 2)
     tip_ids = np.repeat([0, 1], n)
     uv_tips = np.stack([np.tile((np.arange(n) + 0.5) / n, 2), np.repeat([0.0, 1.0], n)], -1)
     src = np.concatenate([ring_ids.reshape(-1), tip_ids])
     uvs = np.concatenate([uv_ring, uv_tips])
-    idx = lambda r, j: r * (n + 1) + j  # noqa: E731
+
+    def idx(ring, j):  # index of ring vertex j (j = n is the duplicated phi = 2 pi column)
+        return ring * (n + 1) + j
+
     j = np.arange(n)
     tris = []
     for r in range(rings - 1):
@@ -611,8 +614,8 @@ def render_bird(verts: np.ndarray, faces: np.ndarray, texture: np.ndarray, camer
         buffer_type = type(params[key])  # the variant's dynamic array type
         params[key] = buffer_type(value.astype(np.uint32 if key == "faces" else np.float32).ravel())
     params.update()
-    one = lambda v: torch.tensor([float(v)], dtype=torch.float64)  # noqa: E731
-    eye = camera_position(one(camera["distance"]), one(camera["elevation_deg"]), one(camera["azimuth_deg"]))[0]
+    eye = camera_position(*(torch.tensor([camera[key]], dtype=torch.float64)
+                            for key in ("distance", "elevation_deg", "azimuth_deg")))[0]
     scene = mi.load_dict({
         "type": "scene",
         "integrator": {"type": "direct"},
