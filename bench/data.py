@@ -1,13 +1,14 @@
 """Data-loader throughput: images/s of each dataset's loader at the training batch size.
 
 Builds trees in the real layouts in a temporary folder (fixture trees with noisy, photo-sized images
-for CUB, Market and ATR, so decoding costs what it costs on real data; a generated synthetic cache),
+for CUB, Market and ATR, so decoding costs what it costs on real data; generated synthetic and bird caches),
 then times ``DataLoader(shuffle, drop_last, persistent workers, prefetch 3)`` over full batches, after
 draining the batches the workers prefetched at start (steady state). Prints a table; not a test.
 
     python bench/data.py                      # 4 workers (the training default), batch 48
     python bench/data.py --workers 0 8 --batches 30
     python bench/data.py --datasets --generate 2000 --device cuda   # synthetic generation time only
+    python bench/data.py --datasets --generate 300 --generators birds   # bird generation time only (CPU)
 
 Run from the repository root (``PYTHONPATH=.`` when the project is not installed).
 """
@@ -23,6 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from datasets import build_dataset
+from datasets.birds import ensure_birds
 from datasets.fixtures import write_atr_tree, write_cub_tree, write_market_tree
 from datasets.synthetic import ensure_synthetic
 
@@ -34,6 +36,11 @@ SETTINGS = {
     "market": (64, 2.0, (128, 256)),
     "atr": (96, 1.666666, (400, 600)),
     "synthetic": (128, 1.0, None),
+    "birds": (128, 1.0, None),
+}
+GENERATORS = {  # name -> (root, train images, device) -> cache of 128x128 images (+ 1 test image)
+    "synthetic": lambda root, count, device: ensure_synthetic(root, count, 1, 128, 1.0, seed=0, device=device),
+    "birds": lambda root, count, device: ensure_birds(root, count, 1, 128, seed=0),  # Mitsuba: CPU only
 }
 
 
@@ -61,7 +68,7 @@ def make_tree(name: str, root: Path, count: int) -> Path:
         write_atr_tree(root, {"train": ratios}, size=size)
         add_noise(root / "JPEGImages", "*.jpg", 2)
     else:
-        ensure_synthetic(root, count, 1, SETTINGS[name][0], SETTINGS[name][1], seed=0)
+        GENERATORS[name](root, count, "cpu")
     return root
 
 
@@ -92,8 +99,10 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", type=int, default=20, help="timed batches per measurement")
     parser.add_argument("--files", type=int, default=200, help="images per fixture tree")
     parser.add_argument("--generate", type=int, default=0,
-                        help="also time generating a synthetic cache of this many 128x128 train images")
-    parser.add_argument("--device", default="cpu", help="render device for --generate")
+                        help="also time generating caches of this many 128x128 train images (see --generators)")
+    parser.add_argument("--generators", nargs="+", default=["synthetic"], choices=list(GENERATORS),
+                        help="the generated datasets --generate times")
+    parser.add_argument("--device", default="cpu", help="render device of the synthetic generation")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -108,12 +117,13 @@ def main(argv=None) -> None:
             for workers in args.workers:
                 rate = images_per_second(dataset, args.batch, workers, args.batches)
                 print(f"{name:<10} {f'{width}x{round(ratio * width)}':>10} {source_text:>9} {workers:>7} {rate:>9.0f}")
-        if args.generate:
+        for name in args.generators if args.generate else []:
+            device = args.device if name == "synthetic" else "cpu"
             start = time.perf_counter()
-            ensure_synthetic(Path(tmp) / "generated", args.generate, 1, 128, 1.0, seed=0, device=args.device)
+            GENERATORS[name](Path(tmp) / f"generated_{name}", args.generate, device)
             seconds = time.perf_counter() - start
-            print(f"synthetic generation: {args.generate + 1} images at 128x128 on {args.device} in {seconds:.1f} s "
-                  f"({(args.generate + 1) / seconds:.0f} images/s)")
+            print(f"{name} generation: {args.generate + 1} images at 128x128 on {device} in {seconds:.1f} s "
+                  f"({(args.generate + 1) / seconds:.1f} images/s)")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
-"""Datasets: CUB birds, Market-HQ persons, ATR persons and the synthetic shapes.
+"""Datasets: CUB birds, Market-HQ persons, ATR persons, the synthetic shapes and the generated birds.
 
 `build_dataset` is the one entry the scripts use. Every dataset returns flat item dicts
 ``{"images": (4, H, W) float32 in [0, 1] (RGB + binary mask), "path": str, "label": int}`` (the
-synthetic one adds its ground truth, see `datasets.synthetic`), with W = image_size and
+synthetic and bird ones add their ground truth, see `datasets.synthetic` and `datasets.birds`), with W = image_size and
 H = round(ratio * W). Loading, validation and skip rules are described in `datasets.common`.
 
 Default roots (folders under ``data/``): ``cub`` -> ``data/CUB_Data``, ``market`` -> ``data/Market``,
-``atr`` -> ``data/ATR``, ``synthetic`` -> ``data/synthetic``.
+``atr`` -> ``data/ATR``, ``synthetic`` -> ``data/synthetic``, ``birds`` -> ``data/birds``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from datasets.atr import ATRDataset
+from datasets.birds import BirdsDataset
 from datasets.common import MaskedImageDataset
 from datasets.cub import CUBDataset
 from datasets.market import MarketDataset
@@ -24,8 +25,9 @@ DEFAULT_ROOTS = {
     "market": Path("data/Market"),
     "atr": Path("data/ATR"),
     "synthetic": Path("data/synthetic"),
+    "birds": Path("data/birds"),
 }
-"""Where the prepare scripts (and `datasets.synthetic.ensure_synthetic`) put each dataset."""
+"""Where the prepare scripts (and `ensure_synthetic` / `ensure_birds`) put each dataset."""
 
 
 def build_dataset(
@@ -41,7 +43,7 @@ def build_dataset(
     original_crop: bool = False,
     filter_test: bool = False,
 ) -> MaskedImageDataset:
-    """The dataset ``name`` (``cub``, ``market``, ``atr``, ``synthetic``) for one split.
+    """The dataset ``name`` (``cub``, ``market``, ``atr``, ``synthetic``, ``birds``) for one split.
 
     Args:
         name: dataset name.
@@ -72,4 +74,6 @@ def build_dataset(
         return ATRDataset(root, split, original_crop=original_crop, filter_test=filter_test, **common)
     if name == "synthetic":
         return SyntheticDataset(root, split, **common)
+    if name == "birds":
+        return BirdsDataset(root, split, **common)
     raise ValueError(f"unknown dataset {name!r}: choose one of {tuple(DEFAULT_ROOTS)}")

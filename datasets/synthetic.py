@@ -387,7 +387,37 @@ def ensure_synthetic(
 # ----------------------------------------------------------------------------- loader
 
 
-class SyntheticDataset(CUBDataset):
+class GroundTruthDataset(CUBDataset):
+    """A generated CUB-layout cache with a ``gt.npz`` per split, through the CUB loader.
+
+    Items are CUB items plus, when ``aug`` is False (augmentation would invalidate them), the rows of
+    ``gt.npz`` named by ``gt_keys``, matched to the image by its stem, as float32 tensors.
+
+    Args:
+        root, split, image_size, ratio, threshold, aug, bg: as `datasets.cub.CUBDataset`.
+        gt_keys: the per-image arrays of ``gt.npz`` that items carry.
+        image_ext, mask_threshold, name, hint: as `datasets.cub.CUBDataset` (no doubling of the train
+            split: generated data needs none).
+    """
+
+    def __init__(self, root: str | Path, split: str, image_size: int, ratio: float,
+                 threshold: str | tuple[float, float] | None, aug: bool, bg: bool, *, gt_keys: tuple[str, ...],
+                 image_ext: str, mask_threshold: int, name: str, hint: str):
+        super().__init__(root, split, image_size, ratio, threshold, aug, bg, image_ext=image_ext,
+                         mask_threshold=mask_threshold, train_repeats=1, name=name, hint=hint)
+        gt = np.load(Path(root) / split / GT_FILE)
+        self.gt = {key: torch.from_numpy(gt[key]).float() for key in gt_keys}
+        self.gt_row = {str(stem): row for row, stem in enumerate(gt["stems"])}
+
+    def load(self, position: int) -> dict:
+        item = super().load(position)
+        if not self.aug:
+            row = self.gt_row[self.samples[position].rgb_path.stem]
+            item.update({key: value[row] for key, value in self.gt.items()})
+        return item
+
+
+class SyntheticDataset(GroundTruthDataset):
     """The synthetic cache through the CUB loader (PNG images, masks binarised at > 0, ``len = N``).
 
     Args:
@@ -416,16 +446,5 @@ class SyntheticDataset(CUBDataset):
         if not math.isclose(ratio, manifest["ratio"], rel_tol=1e-6):
             raise ValueError(f"synthetic dataset at {root} was made with ratio {manifest['ratio']}, asked for "
                              f"{ratio}: regenerate it with ensure_synthetic")
-        super().__init__(root, split, image_size, ratio, threshold, aug, bg, image_ext=".png", mask_threshold=0,
-                         train_repeats=1, name="synthetic", hint=HINT)
-        gt = np.load(root / split / GT_FILE)
-        self.gt = {key: torch.from_numpy(gt[key]).float() for key in GT_KEYS}
-        self.gt_row = {str(stem): row for row, stem in enumerate(gt["stems"])}
-
-    def load(self, position: int) -> dict:
-        item = super().load(position)
-        if not self.aug:
-            row = self.gt_row[self.samples[position].rgb_path.stem]
-            item.update({key: value[row] for key, value in self.gt.items()})
-        return item
-
+        super().__init__(root, split, image_size, ratio, threshold, aug, bg, gt_keys=GT_KEYS, image_ext=".png",
+                         mask_threshold=0, name="synthetic", hint=HINT)

@@ -182,7 +182,7 @@ def test_build_dataset_sizes(name, size, ratio, shape, cub_root, market_root, at
 
 def test_build_dataset_rejects_bad_names_and_flags(cub_root):
     with pytest.raises(ValueError, match="unknown dataset"):
-        build_dataset("birds", cub_root, "train", 128, 1.0, None, False, False)
+        build_dataset("pascal3d", cub_root, "train", 128, 1.0, None, False, False)
     with pytest.raises(ValueError, match="original_crop"):
         build_dataset("market", cub_root, "train", 64, 2.0, None, False, False, original_crop=True)
     with pytest.raises(ValueError, match="split"):

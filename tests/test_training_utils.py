@@ -37,6 +37,14 @@ def test_script_defaults_and_synthetic_preset_yield_to_the_command_line():
     assert synth.imageSize == 96 and synth.pretraint == "none" and synth.niter == 6
 
 
+def test_birds_preset_yields_to_the_command_line():
+    opts = parse_options(["--dataset", "birds"], {"dataroot": "./data/CUB_Data", "imageSize": 128})
+    assert (opts.dataroot, opts.imageSize, opts.pretrains, opts.niter, opts.synthetic_train) == (
+        "./data/birds", 128, "none", 200, 2048)
+    small = parse_options(["--dataset", "birds", "--imageSize", "64", "--birds_spp", "4"], {})
+    assert small.imageSize == 64 and small.birds_spp == 4 and small.pretraint == "none"
+
+
 def test_unknown_script_default_is_rejected():
     with pytest.raises(ValueError, match="unknown option"):
         build_parser({"not_a_flag": 1})

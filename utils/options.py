@@ -9,7 +9,8 @@ Rules:
 - no value is rewritten after parsing: quantities derived from several flags (image height, the
   parsed ranges, the SWA start, ...) are computed once by `derive(opts)`;
 - `--dataset synthetic` selects the embedded synthetic dataset, and with it a small, CPU-friendly
-  preset of defaults (`SYNTHETIC_PRESET`); flags given on the command line still win.
+  preset of defaults (`SYNTHETIC_PRESET`); `--dataset birds` the generated bird dataset and a
+  GPU-sized preset (`BIRDS_PRESET`); flags given on the command line still win.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import yaml
 
 from networks.encoders import check_image_size
 
-DATASETS = ("cub", "market", "atr", "synthetic")
+DATASETS = ("cub", "market", "atr", "synthetic", "birds")
 BACKBONES = ("none", "res18", "res34", "res50", "hr18sv2")
 SCHEDULERS = ("cosine", "step", "restart", "restart2", "restart1", "exp")
 
@@ -47,6 +48,27 @@ SYNTHETIC_PRESET = dict(
     synthetic_train=192,
     synthetic_test=48,
 )
+
+# Defaults of a `--dataset birds` run: CUB's image size and camera ranges, from-scratch backbones
+# (no ImageNet weights are needed) and a schedule sized for about half an hour on one GPU.
+BIRDS_PRESET = dict(
+    dataroot="./data/birds",
+    imageSize=128,
+    batchSize=32,
+    niter=200,
+    warm_epoch=20,
+    eval_every=20,
+    vis_every=20,
+    pretrains="none",
+    pretrainc="none",
+    pretraint="none",
+    threshold="0.01,0.99",
+    clean_threshold="0.01,0.99",
+    synthetic_train=2048,
+    synthetic_test=256,
+)
+PRESETS = {"synthetic": SYNTHETIC_PRESET, "birds": BIRDS_PRESET}
+"""The generated datasets' defaults, applied on top of the script's."""
 
 
 def _range(text: str, sep: str) -> tuple[float, float]:
@@ -107,8 +129,11 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
                    help="CUB/ATR: reproduce the original random crop (right/lower edges drawn independently)")
     g.add_argument("--filter_test", **bool_flag, default=False,
                    help="ATR: filter the test split by --threshold too, as the original ATR2 did (1,647 of 1,706)")
-    g.add_argument("--synthetic_train", type=int, default=2048, help="synthetic dataset: training images")
-    g.add_argument("--synthetic_test", type=int, default=256, help="synthetic dataset: test images")
+    g.add_argument("--synthetic_train", type=int, default=2048,
+                   help="generated datasets (synthetic, birds): training images")
+    g.add_argument("--synthetic_test", type=int, default=256, help="generated datasets (synthetic, birds): test images")
+    g.add_argument("--birds_spp", type=int, default=16,
+                   help="birds dataset: path-tracing samples per pixel of its renders (fewer: faster, noisier)")
 
     g = p.add_argument_group("model")
     g.add_argument("--template_path", default=None,
@@ -216,13 +241,12 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
 
 
 def parse_options(argv: list[str] | None, script_defaults: dict) -> argparse.Namespace:
-    """Parse a training command line on top of a script's defaults (and the synthetic preset)."""
+    """Parse a training command line on top of a script's defaults (and a generated dataset's preset)."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--dataset", choices=DATASETS, default=script_defaults.get("dataset", "cub"))
     known, _ = pre.parse_known_args(argv)
     defaults = dict(script_defaults)
-    if known.dataset == "synthetic":
-        defaults.update(SYNTHETIC_PRESET)
+    defaults.update(PRESETS.get(known.dataset, {}))
     opts = build_parser(defaults).parse_args(argv)
     derive(opts)  # validates early: a bad range fails before anything is written
     return opts

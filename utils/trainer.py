@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from datasets import build_dataset
+from datasets.birds import ensure_birds
 from datasets.synthetic import ensure_synthetic
 from networks import Attributes, losses, mode_for_iteration
 from renderer.mesh import save_obj
@@ -186,6 +187,12 @@ class Trainer:
                                  image_size=o.imageSize, ratio=o.ratio, seed=o.manualSeed, ellipsoid=o.ellipsoid,
                                  elevation_range=d.elev_range, distance_range=d.dist_range,
                                  offset_range=o.bias_range, device=self.device)
+            barrier(self.dist)
+        if o.dataset == "birds":
+            if self.dist.is_main:
+                ensure_birds(o.dataroot, num_train=o.synthetic_train, num_test=o.synthetic_test, image_size=o.imageSize,
+                             seed=o.manualSeed, elevation_range=d.elev_range, distance_range=d.dist_range,
+                             offset_range=o.bias_range, spp=o.birds_spp)
             barrier(self.dist)
         train = self._dataset("train", d.threshold, aug=True)
         self.train_sampler = EpochSampler(len(train), o.batchSize, o.manualSeed, shuffle=True,
