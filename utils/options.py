@@ -170,7 +170,10 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--niter", type=int, default=600, help="number of epochs")
-    g.add_argument("--lr", type=float, default=1e-4, help="base learning rate (pretrained shape backbone: 0.05x)")
+    g.add_argument("--lr", type=float, default=1e-4, help="base learning rate")
+    g.add_argument("--lr_shape_backbone", type=float, default=0.05,
+                   help="learning rate of the shape encoder's backbone, as a fraction of --lr; the original "
+                   "used 0.05 whether the backbone was pretrained or trained from scratch (1: one rate for all)")
     g.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (beta2 = 0.999)")
     g.add_argument("--wd", type=float, default=0.0, help="weight decay")
     g.add_argument("--amsgrad", **bool_flag, default=True, help="AMSGrad variant of Adam")
@@ -279,6 +282,8 @@ def derive(opts: argparse.Namespace) -> Derived:
         raise ValueError(f"--droprate expects three comma-separated floats, got {opts.droprate!r}")
     if opts.ratio <= 0:
         raise ValueError("--ratio must be > 0")
+    if opts.lr_shape_backbone < 0:
+        raise ValueError("--lr_shape_backbone is a fraction of --lr and must be >= 0")
     check_image_size(round(opts.ratio * opts.imageSize), opts.imageSize)
     try:
         elev = _range(opts.elev_range, "~")

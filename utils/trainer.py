@@ -133,11 +133,12 @@ class Trainer:
     def _optimizers(self):
         o = self.opts
         betas = (o.beta1, 0.999)
-        # A pretrained shape backbone moves at 0.05 x lr (the original's two parameter groups).
-        slow = self.encoder.pretrained_shape_parameters() if o.pretrained else []
+        # The shape backbone moves at lr_shape_backbone x lr, from scratch too (the original's two
+        # parameter groups); with a factor of 1 everything is one group.
+        slow = self.encoder.shape_backbone_parameters() if o.lr_shape_backbone != 1 else []
         slow_ids = {id(p) for p in slow}
         fast = [p for p in self.encoder.parameters() if id(p) not in slow_ids]
-        groups = [{"params": fast, "lr": o.lr}] + ([{"params": slow, "lr": 0.05 * o.lr}] if slow else [])
+        groups = [{"params": fast, "lr": o.lr}] + ([{"params": slow, "lr": o.lr_shape_backbone * o.lr}] if slow else [])
         enc_cls = torch.optim.AdamW if o.adamw else torch.optim.Adam
         opt_e = enc_cls(groups, lr=o.lr, betas=betas, weight_decay=o.wd, amsgrad=o.amsgrad)
         opt_d = torch.optim.Adam(self.critic.parameters(), lr=o.lr, betas=betas, weight_decay=o.wd, amsgrad=o.amsgrad)
@@ -558,7 +559,13 @@ class Trainer:
         ckpt = load_checkpoint(path, map_location=self.device)
         self.encoder.load_state_dict(ckpt["encoder"])
         self.critic.load_state_dict(ckpt["critic"])
-        self.opt_e.load_state_dict(ckpt["opt_encoder"])
+        try:
+            self.opt_e.load_state_dict(ckpt["opt_encoder"])
+        except ValueError as err:
+            raise RuntimeError(
+                f"{path}: its encoder optimiser has other parameter groups than this run ({err}). A run with "
+                "from-scratch backbones started before --lr_shape_backbone existed resumes with --lr_shape_backbone 1"
+            ) from err
         self.opt_d.load_state_dict(ckpt["opt_critic"])
         self.sched_e.load_state_dict(ckpt["sched_encoder"])
         self.sched_d.load_state_dict(ckpt["sched_critic"])
