@@ -126,7 +126,8 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     g.add_argument("--bg", **bool_flag, default=False,
                    help="keep the real background in the input and predict a background image")
     g.add_argument("--original_crop", **bool_flag, default=False,
-                   help="CUB/ATR: reproduce the original random crop (right/lower edges drawn independently)")
+                   help="CUB/ATR/synthetic: reproduce the original random crop (right/lower edges drawn "
+                   "independently)")
     g.add_argument("--filter_test", **bool_flag, default=False,
                    help="ATR: filter the test split by --threshold too, as the original ATR2 did (1,647 of 1,706)")
     g.add_argument("--synthetic_train", type=int, default=2048,
