@@ -184,10 +184,7 @@ class Trainer:
         o, d = self.opts, self.d
         if o.dataset == "synthetic":
             if self.dist.is_main:
-                ensure_synthetic(o.dataroot, num_train=o.synthetic_train, num_test=o.synthetic_test,
-                                 image_size=o.imageSize, ratio=o.ratio, seed=o.manualSeed, ellipsoid=o.ellipsoid,
-                                 elevation_range=d.elev_range, distance_range=d.dist_range,
-                                 offset_range=o.bias_range, device=self.device)
+                ensure_dataset(o, self.device)
             barrier(self.dist)
         if o.dataset == "birds":
             if self.dist.is_main:
@@ -581,6 +578,18 @@ class Trainer:
                                f"(torchrun --nproc_per_node={len(ckpt['rng'])}), not {self.dist.world_size}")
         set_rng_state(ckpt["rng"][self.dist.rank])
         log.info("resumed from %s: epoch %d, batch %d", path, self.epoch, self.start_batch)
+
+
+def ensure_dataset(opts: argparse.Namespace, device: torch.device) -> None:
+    """Generate the synthetic dataset a run needs unless its cache is there (real datasets: nothing
+    to do; they are prepared by the prepare scripts)."""
+    if opts.dataset != "synthetic":
+        return
+    d = derive(opts)
+    ensure_synthetic(opts.dataroot, num_train=opts.synthetic_train, num_test=opts.synthetic_test,
+                     image_size=opts.imageSize, ratio=opts.ratio, seed=opts.manualSeed, ellipsoid=opts.ellipsoid,
+                     elevation_range=d.elev_range, distance_range=d.dist_range, offset_range=opts.bias_range,
+                     device=device)
 
 
 def _split_scores(scores, batch: int):
