@@ -21,6 +21,7 @@ import argparse
 import importlib.util
 import json
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -161,9 +162,19 @@ def main(argv: list[str] | None = None) -> int:
               "--steps", *map(str, args.steps), "--"]
     width = args.parallel or len(jobs)
     running: list[tuple[str, subprocess.Popen]] = []
-    failed = []
+    failed, stopped = [], []
+
+    def stop(signum, frame) -> None:
+        # Under a time limit: every run finishes its step and saves; the table shows what was measured.
+        stopped.append(signum)
+        for _, proc in running:
+            proc.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
     start = time.perf_counter()
     for i in range(0, len(jobs), width):
+        if stopped:
+            break
         for name, run_argv in jobs[i:i + width]:
             log = open(root / f"{name}.out", "w")
             running.append((name, subprocess.Popen([*worker, *run_argv], stdout=log, stderr=subprocess.STDOUT)))
@@ -176,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, flags in variants:
         print(f"variant {name}: {shlex.join(flags) or '(none)'}")
     print(table(lines, sorted(set(args.steps))))
-    print(f"{len(jobs)} runs in {time.perf_counter() - start:.0f} s; logs and curves in {root}")
+    print(f"{len(jobs)} runs in {time.perf_counter() - start:.0f} s; logs and curves in {root}"
+          + ("; stopped early by SIGTERM" if stopped else ""))
     if failed:
         print(f"failed runs (see {root}/<run>.out): {', '.join(failed)}")
         return 1
