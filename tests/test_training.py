@@ -128,6 +128,12 @@ def test_shape_backbone_learning_rate_group(tmp_path, data_root, flags, slow_fac
         assert not backbone & {id(p) for p in groups[0]["params"]}
 
 
+@pytest.mark.parametrize("flags, expected", [((), True), (("--no-original_crop",), False)])
+def test_training_loader_gets_the_crop_style(tmp_path, data_root, flags, expected):
+    trainer = Trainer(parse_options(tiny_args(tmp_path, data_root, "crop", *flags), {}))
+    assert trainer.train_loader.dataset.dataset.original_crop is expected
+
+
 def test_azimuth_spread_prior_reads_each_steps_predicted_azimuths_only_when_asked(tmp_path, data_root, monkeypatch):
     seen = []
     real = losses.azimuth_spread_loss

@@ -31,6 +31,15 @@ def test_every_boolean_switches_both_ways(flag):
     assert getattr(on, flag) is True and getattr(off, flag) is False
 
 
+def test_original_crop_is_the_default_of_cropped_datasets_and_switches_both_ways():
+    for dataset, default in [("cub", True), ("atr", True), ("synthetic", True), ("market", False)]:
+        assert derive(parse_options(["--dataset", dataset], {})).original_crop is default, dataset
+        assert derive(parse_options(["--dataset", dataset, "--no-original_crop"], {})).original_crop is False
+    assert derive(parse_options(["--original_crop"], {})).original_crop is True
+    with pytest.raises(ValueError, match="shift"):
+        parse_options(["--dataset", "market", "--original_crop"], {})
+
+
 def test_script_defaults_and_synthetic_preset_yield_to_the_command_line():
     market = {"name": "baseline-MKT", "ratio": 2.0, "imageSize": 64}
     opts = parse_options([], market)

@@ -159,7 +159,7 @@ class Trainer:
 
     def _dataset(self, split: str, threshold, aug: bool):
         o = self.opts
-        original = {"original_crop": True} if o.original_crop else {}
+        original = {"original_crop": True} if self.d.original_crop else {}
         if o.filter_test:
             original["filter_test"] = True
         return build_dataset(o.dataset, root=o.dataroot, split=split, image_size=o.imageSize, ratio=o.ratio,
