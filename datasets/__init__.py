@@ -29,6 +29,9 @@ DEFAULT_ROOTS = {
 }
 """Where the prepare scripts (and `ensure_synthetic` / `ensure_birds`) put each dataset."""
 
+CROP_DATASETS = ("cub", "atr", "synthetic")
+"""Datasets augmented by flip + pad + random crop (`datasets.common.flip_pad_crop`); Market shifts instead."""
+
 
 def build_dataset(
     name: str,
@@ -55,14 +58,14 @@ def build_dataset(
             split (and to the ATR test split with ``filter_test``); None keeps everything.
         aug: training augmentation.
         bg: keep the real background in the RGB channels (True) or whiten it (False).
-        original_crop: CUB / ATR: reproduce the original's random-crop edge draws.
+        original_crop: CUB / ATR / synthetic: reproduce the original's random-crop edge draws.
         filter_test: ATR: filter the test split by ``threshold`` too, as the original ATR2 did.
     Raises:
         ValueError for an unknown name or split, an empty split or a bad threshold;
         FileNotFoundError for a missing folder or ATR split list.
     """
-    if original_crop and name not in ("cub", "atr"):
-        raise ValueError(f"original_crop only applies to the cub and atr datasets, not {name!r}")
+    if original_crop and name not in CROP_DATASETS:
+        raise ValueError(f"original_crop only applies to the {', '.join(CROP_DATASETS)} datasets, not {name!r}")
     if filter_test and name != "atr":
         raise ValueError(f"filter_test only applies to the atr dataset, not {name!r}")
     common = dict(image_size=image_size, ratio=ratio, threshold=threshold, aug=aug, bg=bg)
@@ -73,7 +76,7 @@ def build_dataset(
     if name == "atr":
         return ATRDataset(root, split, original_crop=original_crop, filter_test=filter_test, **common)
     if name == "synthetic":
-        return SyntheticDataset(root, split, **common)
+        return SyntheticDataset(root, split, original_crop=original_crop, **common)
     if name == "birds":
         return BirdsDataset(root, split, **common)
     raise ValueError(f"unknown dataset {name!r}: choose one of {tuple(DEFAULT_ROOTS)}")

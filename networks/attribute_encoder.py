@@ -90,7 +90,6 @@ class AttributeEncoder(nn.Module):
         self.texture_encoder = TextureEncoder(texture_backbone, pretrained, nk, norm, coordconv, drop_texture)
         self.light_encoder = LightEncoder(nk, norm, coordconv, drop_camera)
         self.background_encoder = BackgroundEncoder(drop_texture) if predict_background else None
-        self._pretrained_shape = pretrained and shape_backbone != "none"
 
     @property
     def num_verts(self) -> int:
@@ -103,10 +102,10 @@ class AttributeEncoder(nn.Module):
         with torch.no_grad():
             self.template.copy_(verts)
 
-    def pretrained_shape_parameters(self) -> list[nn.Parameter]:
-        """Parameters of an ImageNet-initialised shape backbone (the original trains them at 0.05 x lr);
-        empty when the shape backbone is trained from scratch."""
-        return list(self.shape_encoder.backbone.parameters()) if self._pretrained_shape else []
+    def shape_backbone_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the shape encoder's backbone (pretrained or from scratch): the original trains
+        them at 0.05 x lr (``--lr_shape_backbone``)."""
+        return list(self.shape_encoder.backbone.parameters())
 
     def forward(self, images: Tensor, mode: int = 0) -> Attributes:
         """Encode a batch.

@@ -461,12 +461,13 @@ def test_frozen_encoders_get_no_gradient_keep_bn_stats_and_match_train_mode(smal
             assert torch.allclose(produced[name], expected[name], atol=1e-5), name
 
 
-def test_pretrained_shape_parameters_are_the_backbone_only_when_pretrained(small_template, monkeypatch):
-    assert make_encoder(small_template).pretrained_shape_parameters() == []
+def test_shape_backbone_parameters_are_the_shape_backbone_pretrained_or_not(small_template, monkeypatch):
+    enc = make_encoder(small_template)
+    assert {id(p) for p in enc.shape_backbone_parameters()} == {id(p) for p in enc.shape_encoder.backbone.parameters()}
     monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict",
                         lambda self, *args, **kwargs: torchvision.models.resnet18().state_dict())
     enc = make_encoder(small_template, shape_backbone="res18", pretrained=True)
-    slow = enc.pretrained_shape_parameters()
+    slow = enc.shape_backbone_parameters()
     assert {id(p) for p in slow} == {id(p) for p in enc.shape_encoder.backbone.parameters()}
 
 

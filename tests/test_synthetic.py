@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import datasets.common as common
 import datasets.synthetic as synthetic
 from datasets import build_dataset
 from datasets.synthetic import (
@@ -146,6 +147,21 @@ def test_loader_path_aug_and_errors(tmp_path, tiny_root):
         SyntheticDataset(tiny_root, "train", image_size=32, ratio=2.0)
     with pytest.raises(FileNotFoundError, match="ensure_synthetic"):
         SyntheticDataset(tmp_path / "none", "train")
+
+
+@pytest.mark.parametrize("original_crop", [False, True])
+def test_original_crop_reaches_the_synthetic_loader(tiny_root, monkeypatch, original_crop):
+    seen = []
+    real = common.crop_box
+
+    def spy(width, height, original):
+        seen.append(original)
+        return real(width, height, original)
+
+    monkeypatch.setattr(common, "crop_box", spy)
+    ds = build_dataset("synthetic", tiny_root, "train", 32, 1.0, None, aug=True, bg=False, original_crop=original_crop)
+    ds[0]
+    assert seen == [original_crop]
 
 
 def test_textures_are_front_back_mirrored_and_cameras_can_fail():

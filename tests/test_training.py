@@ -112,6 +112,28 @@ def test_cudnn_benchmark_flag_sets_the_backend_both_ways(tmp_path, data_root, mo
     assert torch.backends.cudnn.benchmark is expected
 
 
+@pytest.mark.parametrize("flags, slow_factor", [((), 0.05), (("--lr_shape_backbone", "0.2"), 0.2),
+                                                 (("--lr_shape_backbone", "1"), None)])
+def test_shape_backbone_learning_rate_group(tmp_path, data_root, flags, slow_factor):
+    trainer = Trainer(parse_options(tiny_args(tmp_path, data_root, "groups", "--lr", "3e-4", *flags), {}))
+    groups = trainer.opt_e.param_groups
+    backbone = {id(p) for p in trainer.encoder.shape_encoder.backbone.parameters()}
+    assert groups[0]["lr"] == pytest.approx(3e-4)
+    assert sum(len(g["params"]) for g in groups) == len(list(trainer.encoder.parameters()))
+    if slow_factor is None:  # one rate for every parameter
+        assert len(groups) == 1
+    else:  # from scratch too (the synthetic preset's backbones are 'none'), as the original
+        assert len(groups) == 2 and {id(p) for p in groups[1]["params"]} == backbone
+        assert groups[1]["lr"] == pytest.approx(slow_factor * 3e-4)
+        assert not backbone & {id(p) for p in groups[0]["params"]}
+
+
+@pytest.mark.parametrize("flags, expected", [((), True), (("--no-original_crop",), False)])
+def test_training_loader_gets_the_crop_style(tmp_path, data_root, flags, expected):
+    trainer = Trainer(parse_options(tiny_args(tmp_path, data_root, "crop", *flags), {}))
+    assert trainer.train_loader.dataset.dataset.original_crop is expected
+
+
 def test_azimuth_spread_prior_reads_each_steps_predicted_azimuths_only_when_asked(tmp_path, data_root, monkeypatch):
     seen = []
     real = losses.azimuth_spread_loss

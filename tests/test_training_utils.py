@@ -1,7 +1,9 @@
 """Options schema, checkpoints, data order and the template-update arithmetic."""
 
 import argparse
+import importlib.util
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +29,15 @@ def test_every_boolean_switches_both_ways(flag):
     on = parse_options([f"--{flag}"], {})
     off = parse_options([f"--no-{flag}"], {})
     assert getattr(on, flag) is True and getattr(off, flag) is False
+
+
+def test_original_crop_is_the_default_of_cropped_datasets_and_switches_both_ways():
+    for dataset, default in [("cub", True), ("atr", True), ("synthetic", True), ("market", False)]:
+        assert derive(parse_options(["--dataset", dataset], {})).original_crop is default, dataset
+        assert derive(parse_options(["--dataset", dataset, "--no-original_crop"], {})).original_crop is False
+    assert derive(parse_options(["--original_crop"], {})).original_crop is True
+    with pytest.raises(ValueError, match="shift"):
+        parse_options(["--dataset", "market", "--original_crop"], {})
 
 
 def test_script_defaults_and_synthetic_preset_yield_to_the_command_line():
@@ -60,6 +71,8 @@ def test_derived_values_are_computed_once_and_checked():
         derive(argparse.Namespace(**{**vars(opts), "droprate": "0.2,0.2"}))
     with pytest.raises(ValueError, match="dist_range"):
         parse_options(["--dist_range", "0.5~3"], {})
+    with pytest.raises(ValueError, match="lr_shape_backbone"):
+        parse_options(["--lr_shape_backbone", "-0.1"], {})
 
 
 def test_options_yaml_round_trip(tmp_path):
@@ -207,3 +220,28 @@ def test_loader_workers_leave_stop_signals_to_the_main_process():
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
+
+
+def _bench_learning_curve():
+    """bench/learning_curve.py, which is a script folder, not a package."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "learning_curve.py"
+    spec = importlib.util.spec_from_file_location("bench_learning_curve", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_learning_curve_bench_variants_defaults_and_table():
+    bench = _bench_learning_curve()
+    assert bench.parse_variant("before=--lr_shape_backbone 1 --no-bg") == ("before", ["--lr_shape_backbone", "1",
+                                                                                     "--no-bg"])
+    assert bench.parse_variant("after=") == ("after", [])
+    with pytest.raises(argparse.ArgumentTypeError, match="NAME=FLAGS"):
+        bench.parse_variant("no-equals-sign")
+    assert bench.script_defaults("train_market")["dataset"] == "market"
+    lines = [{"run": f"{v}_s{s}", "step": step, "mask_iou": iou, "ssim": 0.5}
+             for v, s, step, iou in [("a", 0, 10, 0.2), ("a", 1, 10, 0.4), ("a", 0, 20, 0.6), ("b", 0, 10, 0.1)]]
+    rows = bench.table(lines, [10, 20]).splitlines()
+    assert rows[2] == "| **a** (mean of 2) | 0.300 / 0.500 | 0.600 / 0.500 |"  # step 20: only seed 0 got there
+    assert rows[4] == "| a_s1 | 0.400 / 0.500 | - |"
+    assert rows[5] == "| **b** (mean of 1) | 0.100 / 0.500 | - |"

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from datasets import CROP_DATASETS
 from networks.encoders import check_image_size
 
 DATASETS = ("cub", "market", "atr", "synthetic", "birds")
@@ -125,8 +126,10 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
                    help="foreground-ratio window 'lo,hi' of the images the template update averages")
     g.add_argument("--bg", **bool_flag, default=False,
                    help="keep the real background in the input and predict a background image")
-    g.add_argument("--original_crop", **bool_flag, default=False,
-                   help="CUB/ATR: reproduce the original random crop (right/lower edges drawn independently)")
+    g.add_argument("--original_crop", **bool_flag, default=None,
+                   help="CUB/ATR/synthetic random crop as the original drew it (right/lower edges drawn "
+                   "independently: aspect and scale jitter), the default for those datasets; --no-original_crop: "
+                   "a fixed-size 95-99%% crop. Market (shifted, not cropped) refuses --original_crop")
     g.add_argument("--filter_test", **bool_flag, default=False,
                    help="ATR: filter the test split by --threshold too, as the original ATR2 did (1,647 of 1,706)")
     g.add_argument("--synthetic_train", type=int, default=2048,
@@ -170,7 +173,10 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--niter", type=int, default=600, help="number of epochs")
-    g.add_argument("--lr", type=float, default=1e-4, help="base learning rate (pretrained shape backbone: 0.05x)")
+    g.add_argument("--lr", type=float, default=1e-4, help="base learning rate")
+    g.add_argument("--lr_shape_backbone", type=float, default=0.05,
+                   help="learning rate of the shape encoder's backbone, as a fraction of --lr; the original "
+                   "used 0.05 whether the backbone was pretrained or trained from scratch (1: one rate for all)")
     g.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (beta2 = 0.999)")
     g.add_argument("--wd", type=float, default=0.0, help="weight decay")
     g.add_argument("--amsgrad", **bool_flag, default=True, help="AMSGrad variant of Adam")
@@ -265,6 +271,7 @@ class Derived:
     drop_camera: float
     drop_shape: float
     drop_texture: float
+    original_crop: bool
     swa_start: int
     run_dir: Path
 
@@ -279,6 +286,11 @@ def derive(opts: argparse.Namespace) -> Derived:
         raise ValueError(f"--droprate expects three comma-separated floats, got {opts.droprate!r}")
     if opts.ratio <= 0:
         raise ValueError("--ratio must be > 0")
+    if opts.original_crop and opts.dataset not in CROP_DATASETS:
+        raise ValueError(f"--original_crop applies to the {', '.join(CROP_DATASETS)} datasets; {opts.dataset}'s "
+                         "augmentation is a shift, not a crop: drop the flag")
+    if opts.lr_shape_backbone < 0:
+        raise ValueError("--lr_shape_backbone is a fraction of --lr and must be >= 0")
     check_image_size(round(opts.ratio * opts.imageSize), opts.imageSize)
     try:
         elev = _range(opts.elev_range, "~")
@@ -300,6 +312,7 @@ def derive(opts: argparse.Namespace) -> Derived:
         drop_camera=drops[0],
         drop_shape=drops[1],
         drop_texture=drops[2],
+        original_crop=opts.original_crop if opts.original_crop is not None else opts.dataset in CROP_DATASETS,
         swa_start=swa_start,
         run_dir=Path(opts.log_root) / opts.name,
     )

@@ -133,11 +133,12 @@ class Trainer:
     def _optimizers(self):
         o = self.opts
         betas = (o.beta1, 0.999)
-        # A pretrained shape backbone moves at 0.05 x lr (the original's two parameter groups).
-        slow = self.encoder.pretrained_shape_parameters() if o.pretrained else []
+        # The shape backbone moves at lr_shape_backbone x lr, from scratch too (the original's two
+        # parameter groups); with a factor of 1 everything is one group.
+        slow = self.encoder.shape_backbone_parameters() if o.lr_shape_backbone != 1 else []
         slow_ids = {id(p) for p in slow}
         fast = [p for p in self.encoder.parameters() if id(p) not in slow_ids]
-        groups = [{"params": fast, "lr": o.lr}] + ([{"params": slow, "lr": 0.05 * o.lr}] if slow else [])
+        groups = [{"params": fast, "lr": o.lr}] + ([{"params": slow, "lr": o.lr_shape_backbone * o.lr}] if slow else [])
         enc_cls = torch.optim.AdamW if o.adamw else torch.optim.Adam
         opt_e = enc_cls(groups, lr=o.lr, betas=betas, weight_decay=o.wd, amsgrad=o.amsgrad)
         opt_d = torch.optim.Adam(self.critic.parameters(), lr=o.lr, betas=betas, weight_decay=o.wd, amsgrad=o.amsgrad)
@@ -158,7 +159,7 @@ class Trainer:
 
     def _dataset(self, split: str, threshold, aug: bool):
         o = self.opts
-        original = {"original_crop": True} if o.original_crop else {}
+        original = {"original_crop": True} if self.d.original_crop else {}
         if o.filter_test:
             original["filter_test"] = True
         return build_dataset(o.dataset, root=o.dataroot, split=split, image_size=o.imageSize, ratio=o.ratio,
@@ -183,10 +184,7 @@ class Trainer:
         o, d = self.opts, self.d
         if o.dataset == "synthetic":
             if self.dist.is_main:
-                ensure_synthetic(o.dataroot, num_train=o.synthetic_train, num_test=o.synthetic_test,
-                                 image_size=o.imageSize, ratio=o.ratio, seed=o.manualSeed, ellipsoid=o.ellipsoid,
-                                 elevation_range=d.elev_range, distance_range=d.dist_range,
-                                 offset_range=o.bias_range, device=self.device)
+                ensure_dataset(o, self.device)
             barrier(self.dist)
         if o.dataset == "birds":
             if self.dist.is_main:
@@ -558,7 +556,13 @@ class Trainer:
         ckpt = load_checkpoint(path, map_location=self.device)
         self.encoder.load_state_dict(ckpt["encoder"])
         self.critic.load_state_dict(ckpt["critic"])
-        self.opt_e.load_state_dict(ckpt["opt_encoder"])
+        try:
+            self.opt_e.load_state_dict(ckpt["opt_encoder"])
+        except ValueError as err:
+            raise RuntimeError(
+                f"{path}: its encoder optimiser has other parameter groups than this run ({err}). A run with "
+                "from-scratch backbones started before --lr_shape_backbone existed resumes with --lr_shape_backbone 1"
+            ) from err
         self.opt_d.load_state_dict(ckpt["opt_critic"])
         self.sched_e.load_state_dict(ckpt["sched_encoder"])
         self.sched_d.load_state_dict(ckpt["sched_critic"])
@@ -574,6 +578,18 @@ class Trainer:
                                f"(torchrun --nproc_per_node={len(ckpt['rng'])}), not {self.dist.world_size}")
         set_rng_state(ckpt["rng"][self.dist.rank])
         log.info("resumed from %s: epoch %d, batch %d", path, self.epoch, self.start_batch)
+
+
+def ensure_dataset(opts: argparse.Namespace, device: torch.device) -> None:
+    """Generate the synthetic dataset a run needs unless its cache is there (real datasets: nothing
+    to do; they are prepared by the prepare scripts)."""
+    if opts.dataset != "synthetic":
+        return
+    d = derive(opts)
+    ensure_synthetic(opts.dataroot, num_train=opts.synthetic_train, num_test=opts.synthetic_test,
+                     image_size=opts.imageSize, ratio=opts.ratio, seed=opts.manualSeed, ellipsoid=opts.ellipsoid,
+                     elevation_range=d.elev_range, distance_range=d.dist_range, offset_range=opts.bias_range,
+                     device=device)
 
 
 def _split_scores(scores, batch: int):
