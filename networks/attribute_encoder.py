@@ -140,12 +140,16 @@ class AttributeEncoder(nn.Module):
 
 
 def _run_frozen(module: nn.Module, *args: Tensor):
-    """Evaluate ``module`` as it is (train mode: batch statistics and dropout) with no gradient, then
-    restore its buffers, so BatchNorm running statistics do not move. Equivalent to evaluating a
-    deep copy, at the cost of copying the buffers only."""
-    saved = [b.clone() for b in module.buffers()]
-    with torch.no_grad():
-        out = module(*args)
-        for buffer, value in zip(module.buffers(), saved, strict=True):
-            buffer.copy_(value)
-    return out
+    """Evaluate ``module`` as it is (train mode: batch statistics and dropout) with no gradient and
+    without moving its BatchNorm running statistics (nor ``num_batches_tracked``). Equivalent to
+    evaluating a deep copy; BatchNorm layers are told not to track statistics for the call instead of
+    copying their buffers out and back, which cost a few GPU launches per layer on every step."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    try:
+        for m in norms:
+            m.track_running_stats = False
+        with torch.no_grad():
+            return module(*args)
+    finally:
+        for m in norms:
+            m.track_running_stats = True

@@ -42,9 +42,27 @@ class Attributes:
         """The same values, cut from the autograd graph."""
         return self._map(Tensor.detach)
 
+    def float(self) -> Attributes:
+        """The same values in float32 (fields already float32 are returned as they are, not copied)."""
+        return self._map(Tensor.float)
+
     def index(self, index: Tensor) -> Attributes:
         """Samples ``index`` (N,) int64 of the batch, e.g. a permutation; gradients flow back."""
         return self._map(lambda t: t[index])
+
+    @staticmethod
+    def cat(parts: list[Attributes]) -> Attributes:
+        """Concatenate attribute sets along the batch (all with a background, or none); gradients flow
+        back to each part. Rendering the concatenation equals rendering the parts one by one."""
+        def join(name: str) -> Tensor | None:
+            values = [getattr(a, name) for a in parts]
+            if all(v is None for v in values):
+                return None
+            if any(v is None for v in values):
+                raise ValueError("cannot concatenate attributes with and without a background")
+            return torch.cat(values)
+
+        return Attributes(**{f.name: join(f.name) for f in fields(Attributes)})
 
     def with_camera(self, azimuth_deg: Tensor, elevation_deg: Tensor, distance: Tensor, offset: Tensor) -> Attributes:
         """The same object seen from another camera (shapes as the fields)."""

@@ -528,3 +528,33 @@ def test_attributes_reject_mismatched_batch_sizes():
     a = attributes(2, 0)
     with pytest.raises(ValueError, match="batch sizes differ"):
         Attributes(**{**a.__dict__, "light": torch.zeros(3, 9)})
+
+
+def test_attributes_cat_joins_batches_and_renders_like_separate_calls(small_template):
+    from renderer.render import render
+
+    a, b = attributes(2, 0), attributes(3, 1)
+    both = Attributes.cat([a, b])
+    assert both.batch_size == 5 and torch.equal(both.texture[2:], b.texture) and torch.equal(both.light[:2], a.light)
+    assert Attributes.cat([attributes(1, 0, background=False)] * 2).background is None
+    with pytest.raises(ValueError, match="background"):
+        Attributes.cat([a, attributes(2, 1, background=False)])
+
+    g = torch.Generator().manual_seed(0)
+    t = small_template
+
+    def scene(n):
+        return dict(verts=t.verts + 0.05 * torch.randn(n, *t.verts.shape, generator=g),
+                    azimuth_deg=torch.rand(n, generator=g) * 360, elevation_deg=torch.rand(n, generator=g) * 30,
+                    distance=2.5 + torch.rand(n, generator=g), offset=0.1 * torch.rand(n, 2, generator=g),
+                    texture=torch.rand(n, 3, 32, 16, generator=g), light=torch.rand(n, 9, generator=g))
+
+    def draw(s):
+        return render(s["verts"], t.faces, t.face_uvs, s["azimuth_deg"], s["elevation_deg"], s["distance"],
+                      s["offset"], s["texture"], s["light"], height=16, width=16)
+
+    first, second = scene(2), scene(1)
+    joint = draw({k: torch.cat([first[k], second[k]]) for k in first})
+    apart = [draw(first), draw(second)]
+    assert torch.equal(joint.rgb, torch.cat([o.rgb for o in apart]))
+    assert torch.equal(joint.silhouette, torch.cat([o.silhouette for o in apart]))

@@ -1,6 +1,7 @@
 """End-to-end training on a tiny synthetic dataset: smoke runs, resume, interruption, NaN handling."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -186,3 +187,68 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves_a_resumable_chec
     assert "continue with --resume" in stderr, stderr[-3000:]
     ckpt = load_checkpoint(latest)
     assert ckpt["epoch"] < 50 and ckpt["global_step"] >= 2
+
+
+# What each of the first two steps printed before the speed work (issue 15: fused Adam, one render
+# call, no host synchronisations), recorded with the code of commit 0155d80 on the CPU: the default
+# fp32 path must keep giving these losses for this seed.
+RECORDED_STEPS = [
+    {"D/adv": 3.673291115724453e-10, "D/gp": 0.0009999703615903854, "E/gan": 7.851776118172893e-09,
+     "E/data": 0.5817921161651611, "E/laplacian": 1.0990554528689245e-06, "E/flat": 7.172724508563988e-06,
+     "E/edge": 9.099179442273453e-05, "E/deform": 3.4886281355284154e-05, "E/depthC": 0.00216890056617558,
+     "E/flip": 2.3566210074932314e-05, "E/cycle": 1.5642210245132446, "D/total": 0.000999970710836351,
+     "E/total": 2.1483397483825684, "mask_iou": 0.425508975982666},
+    {"D/adv": 8.863400680070299e-09, "D/gp": 0.0009996090084314346, "E/gan": 1.6724200690987345e-08,
+     "E/data": 0.7030271291732788, "E/laplacian": 0.0018760132370516658, "E/flat": 0.000569959229324013,
+     "E/edge": 0.00011116966197732836, "E/deform": 0.0022395483683794737, "E/depthC": 0.002090468304231763,
+     "E/flip": 0.0011693418491631746, "E/cycle": 1.5544227361679077, "D/total": 0.0009996178559958935,
+     "E/total": 2.2655062675476074, "mask_iou": 0.30351245403289795},
+]
+
+
+def _first_steps(tmp_path, data_root, *flags):
+    flags = ["--hard", "--bg", "--unmask", "2", "--update_shape", "-1", "--L1", "--ganw", "0",
+             "--lambda_contour", "0.1", "--lambda_depthC", "0.1", "--warm_epoch", "0",
+             "--lr_shape_backbone", "1", "--no-original_crop", *flags]  # the recorded code's behaviour
+    trainer = Trainer(parse_options(tiny_args(tmp_path, data_root, "parity", *flags), {}))
+    trainer.train_sampler.set_epoch(0, 0)
+    batches = [b["images"] for b in trainer.train_loader]
+    return [{k: float(v) for k, v in trainer._step(batches[i], i).items()} for i in range(len(RECORDED_STEPS))]
+
+
+def test_first_steps_give_the_losses_recorded_before_the_speed_work(tmp_path, data_root):
+    for i, (stats, expected) in enumerate(zip(_first_steps(tmp_path, data_root), RECORDED_STEPS, strict=True)):
+        assert stats.keys() - {"warm_up"} == expected.keys()
+        for k, value in expected.items():
+            assert stats[k] == pytest.approx(value, rel=1e-4, abs=1e-10), (i, k)
+
+
+def test_amp_runs_the_networks_in_bf16_and_stays_near_the_float32_losses(tmp_path, data_root, monkeypatch):
+    dtypes = set()
+    real = torch.nn.Conv2d._conv_forward
+
+    def spy(self, x, weight, bias):
+        out = real(self, x, weight, bias)
+        dtypes.add(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward", spy)
+    steps = _first_steps(tmp_path, data_root, "--amp")
+    assert dtypes == {torch.bfloat16}
+    # The first step's forward shows bf16 rounding only; after a bf16-trained update the losses move
+    # apart further (7.6 % for E/data at step 2 on the CPU), so the second is only checked finite.
+    for k in ("E/data", "E/cycle", "E/total", "D/gp", "mask_iou"):
+        assert steps[0][k] == pytest.approx(RECORDED_STEPS[0][k], rel=0.05), k
+    assert all(math.isfinite(v) for v in steps[1].values())
+
+
+def test_a_checkpoint_resumes_with_the_other_memory_layout(tmp_path, data_root):
+    first = run_training(parse_options(tiny_args(tmp_path, data_root, "layout", "--niter", "1", "--channels_last"), {}))
+    first_conv = next(m for m in first.encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.weight.is_contiguous(memory_format=torch.channels_last) and not first_conv.weight.is_contiguous()
+    assert first.opt_e.param_groups[0]["fused"]
+    resumed = run_training(parse_options(
+        tiny_args(tmp_path, data_root, "layout", "--niter", "2", "--no-channels_last", "--resume"), {}))
+    assert resumed.global_step == 4
+    conv = next(m for m in resumed.encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous() and first.encoder.state_dict().keys() == resumed.encoder.state_dict().keys()

@@ -245,3 +245,59 @@ def test_learning_curve_bench_variants_defaults_and_table():
     assert rows[2] == "| **a** (mean of 2) | 0.300 / 0.500 | 0.600 / 0.500 |"  # step 20: only seed 0 got there
     assert rows[4] == "| a_s1 | 0.400 / 0.500 | - |"
     assert rows[5] == "| **b** (mean of 1) | 0.100 / 0.500 | - |"
+
+
+# ----------------------------------------------------------------------------- the step's device-side pieces
+
+
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW])
+def test_a_skipped_optimizer_step_changes_nothing_and_an_unskipped_one_is_a_plain_step(cls):
+    from utils.trainer import _load_optimizer, _step_unless
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    plain = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    fused = cls(params, lr=0.1, betas=(0.5, 0.999), amsgrad=True, weight_decay=0.01, fused=True)
+    reference = cls(plain, lr=0.1, betas=(0.5, 0.999), amsgrad=True, weight_decay=0.01)
+    for step in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for p, q, g in zip(params, plain, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        reference.step()
+        _step_unless(fused, torch.tensor(False))
+        before = [p.detach().clone() for p in params]
+        state = {k: v.clone() for k, v in fused.state[params[0]].items()}
+        for p in params:
+            p.grad = torch.full_like(p, float("nan"))
+        _step_unless(fused, torch.tensor(True))
+        assert all(torch.equal(a, b) for a, b in zip(before, params, strict=True))
+        assert all(torch.equal(state[k], v) for k, v in fused.state[params[0]].items())
+        assert float(fused.state[params[0]]["step"]) == step + 1
+        for p, q in zip(params, plain, strict=True):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+    # A state written by an unfused optimizer (an older checkpoint) loads into the fused one and on.
+    _load_optimizer(fused, reference.state_dict())
+    assert fused.param_groups[0]["fused"] and fused.state[params[0]]["step"].device == params[0].device
+    _step_unless(fused, torch.tensor(False))
+
+
+def test_permutation_keeps_the_random_stream_and_avoids_failed_samples():
+    from types import SimpleNamespace
+
+    from utils.trainer import Trainer
+
+    fake = SimpleNamespace(device=torch.device("cpu"))
+    torch.manual_seed(3)
+    expected = torch.randperm(8)
+    torch.manual_seed(3)
+    assert torch.equal(Trainer._permutation(fake, 8, torch.zeros(8, dtype=torch.bool)), expected)
+    bad = torch.tensor([True, False, True, True, False, True, True, True])
+    for seed in range(20):
+        torch.manual_seed(seed)
+        perm = Trainer._permutation(fake, 8, bad)
+        assert not bad[perm].any()
+        torch.manual_seed(seed)
+        kept = torch.randperm(8)
+        assert torch.equal(perm[~bad[kept]], kept[~bad[kept]])  # entries at good samples stay
+    everything_bad = torch.ones(8, dtype=torch.bool)
+    assert sorted(Trainer._permutation(fake, 8, everything_bad).tolist()) == list(range(8))

@@ -108,6 +108,14 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
                    help="let cuDNN time its convolution algorithms on each new input shape and keep the fastest, "
                    "as the original did (README: training speed); with --no-cudnn_benchmark cuDNN's heuristic "
                    "picks them, the same in every run")
+    g.add_argument("--channels_last", **bool_flag, default=False,
+                   help="keep images, activations and convolution weights in channels-last (NHWC) memory "
+                   "layout, the one cuDNN's fast kernels use, instead of converting inside every convolution "
+                   "(README: training speed); the same model and checkpoints, results equal up to rounding")
+    g.add_argument("--amp", **bool_flag, default=False,
+                   help="run the encoders and the critic under bfloat16 autocast (convolutions and matrix products "
+                   "in bf16; renderer, losses and optimizer in float32): faster on GPUs, results differ by rounding "
+                   "(README: training speed)")
     g.add_argument("--max_bad_steps", type=int, default=5,
                    help="stop with an error after this many consecutive steps with a non-finite loss")
 

@@ -21,6 +21,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -52,6 +53,7 @@ from utils.template_update import bad_samples, step_template
 from utils.visualization import save_epoch_visuals
 
 log = logging.getLogger("magic_mirror")
+LOG_EVERY = 10  # steps between reads of the loss statistics (progress bar, TensorBoard)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -76,6 +78,9 @@ class Trainer:
         self.initial_verts = self.template.verts.clone()
         self.encoder = build_encoder(opts, self.template).to(self.device)
         self.critic = build_critic(opts).to(self.device)
+        if opts.channels_last:  # the weights follow; checkpoints hold the same values either way
+            self.encoder.to(memory_format=torch.channels_last)
+            self.critic.to(memory_format=torch.channels_last)
         self.train_encoder, self.train_critic = self.encoder, self.critic
         if self.dist.enabled:
             if opts.sync_bn:
@@ -140,8 +145,11 @@ class Trainer:
         fast = [p for p in self.encoder.parameters() if id(p) not in slow_ids]
         groups = [{"params": fast, "lr": o.lr}] + ([{"params": slow, "lr": o.lr_shape_backbone * o.lr}] if slow else [])
         enc_cls = torch.optim.AdamW if o.adamw else torch.optim.Adam
-        opt_e = enc_cls(groups, lr=o.lr, betas=betas, weight_decay=o.wd, amsgrad=o.amsgrad)
-        opt_d = torch.optim.Adam(self.critic.parameters(), lr=o.lr, betas=betas, weight_decay=o.wd, amsgrad=o.amsgrad)
+        # Fused: one kernel over all parameters instead of a dozen multi-tensor passes, and a step
+        # that can be skipped on the device (see _step_unless); the same update up to rounding.
+        opt_e = enc_cls(groups, lr=o.lr, betas=betas, weight_decay=o.wd, amsgrad=o.amsgrad, fused=True)
+        opt_d = torch.optim.Adam(self.critic.parameters(), lr=o.lr, betas=betas, weight_decay=o.wd,
+                                 amsgrad=o.amsgrad, fused=True)
         return opt_e, opt_d
 
     def _scheduler(self, optimizer):
@@ -209,6 +217,19 @@ class Trainer:
     def _render(self, attrs: Attributes):
         return render_attributes(attrs, self.template, self.d.height, self.d.width, with_background=self.opts.bg)
 
+    def _encode(self, images: torch.Tensor, mode: int) -> Attributes:
+        """The (training) encoder, under bf16 autocast with --amp; the attributes come out float32,
+        so the renderer and the losses always compute in float32."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.opts.amp):
+            return self.train_encoder(images, mode).float()
+
+    def _score(self, critic: torch.nn.Module, images: torch.Tensor):
+        """Critic scores (a tensor, or a list for the multi-scale critic) in float32; bf16 autocast
+        inside with --amp."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.opts.amp):
+            scores = critic(images)
+        return scores.float() if isinstance(scores, torch.Tensor) else [m.float() for m in scores]
+
     def _critic_input(self, images: torch.Tensor) -> torch.Tensor:
         """(B,4,H,W) RGB+mask -> what the critic sees, per --unmask."""
         if self.opts.unmask == 2:
@@ -239,13 +260,17 @@ class Trainer:
         return -torch.where(pick, narrow, wide) * sign
 
     def _permutation(self, batch: int, bad: torch.Tensor) -> torch.Tensor:
-        """A random permutation whose entries never point at a failed prediction (if any succeeded)."""
+        """A random permutation whose entries never point at a failed prediction (if any succeeded).
+
+        An entry that points at a failed sample is replaced by the (position mod #good)-th good
+        sample: the positions of such entries are random, so the replacement is too, and it is found
+        on the device without a host synchronisation and without drawing from the random stream.
+        """
         perm = torch.randperm(batch, device=self.device)
-        good = torch.nonzero(~bad).flatten()
-        if bad.any() and good.numel() > 0:
-            hits = bad[perm]
-            perm[hits] = good[torch.randint(good.numel(), (int(hits.sum()),), device=self.device)]
-        return perm
+        good_first = torch.argsort(bad.to(torch.uint8), stable=True)  # good sample indices, then bad ones
+        num_good = (~bad).sum()
+        pick = good_first[torch.arange(batch, device=self.device) % num_good.clamp(min=1)]
+        return torch.where(bad[perm] & (num_good > 0), pick, perm)
 
     def _regularisers(self, attrs: Attributes, face_normals: torch.Tensor) -> dict[str, torch.Tensor]:
         o, t = self.opts, self.template
@@ -263,52 +288,68 @@ class Trainer:
             terms["depthC"] = losses.depth_weighted_loss(attrs.verts, t.sign_init, o.ratio, "quadratic", o.temp)
         return terms
 
-    def _step(self, images: torch.Tensor, iteration: int) -> dict[str, float]:
+    def _step(self, images: torch.Tensor, iteration: int) -> dict[str, torch.Tensor | float]:
+        """One critic update and one encoder update on a (B,4,H,W) batch.
+
+        Returns the named loss terms as 0-dim tensors on the device (reading them is a host
+        synchronisation: `_read_stats` does it in one transfer when logging), or {} when a
+        non-finite loss skipped the step. The step's one synchronisation reads whether it was skipped.
+        """
         o, dev = self.opts, self.device
         x = images.to(dev, non_blocking=True)
+        if o.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         batch = x.shape[0]
         mode = mode_for_iteration(o.update_shape, iteration)
 
-        ae = self.train_encoder(x, mode)
-        out_e = self._render(ae)
-        x_er = as_image(out_e)
-        if o.hard:
-            x_er90 = as_image(self._render(replace(ae, azimuth_deg=self._hard_azimuth(batch))))
-        else:
-            x_er90 = x_er
+        ae = self._encode(x, mode)
+        hard_azimuth = self._hard_azimuth(batch) if o.hard else None
         bad = bad_samples(ae.delta_verts.detach())
         aa, ab = ae.index(self._permutation(batch, bad)), ae.index(self._permutation(batch, bad))
         alphas = torch.rand(3, batch, device=dev)
         ai = self._random_camera(aa.lerp(ab, shape=alphas[0], texture=alphas[1], light=alphas[2]), batch)
-        out_i = self._render(ai)
-        x_ir = as_image(out_i)
-        aire = self.train_encoder(x_ir.detach(), 0)
+        # The step's renders in one call: rendering is per sample, so this equals separate calls,
+        # with a third of the launches.
+        views = [ae, ai] + ([replace(ae, azimuth_deg=hard_azimuth)] if o.hard else [])
+        out = self._render(Attributes.cat(views))
+        rendered = as_image(out).split(batch)
+        x_er, x_ir = rendered[0], rendered[1]
+        x_er90 = rendered[2] if o.hard else x_er
+        normals_e, normals_i = out.face_normals[:batch], out.face_normals[batch:2 * batch]
+        aire = self._encode(x_ir.detach(), 0)
 
         # ---- critic (on detached renders), stepped before the encoders' adversarial term reads it
         real, fake90, fake_i = (self._critic_input(v) for v in (x, x_er90, x_ir))
         w = o.ganw
         critic_loss, generator_loss = self._gan_losses
-        s_real, s_90, s_i = _split_scores(self.train_critic(torch.cat([real, fake90.detach(), fake_i.detach()])), batch)
-        gp = (losses.gradient_penalty(self.critic, real, fake90.detach())
-              + w * losses.gradient_penalty(self.critic, real, fake_i.detach())) / (1 + w)
+        s_real, s_90, s_i = _split_scores(self._score(self.train_critic, torch.cat([real, fake90.detach(),
+                                                                               fake_i.detach()])), batch)
+        critic = partial(self._score, self.critic)
+        gp = losses.gradient_penalty(critic, real, fake90.detach())
+        if w != 0:
+            gp = (gp + w * losses.gradient_penalty(critic, real, fake_i.detach())) / (1 + w)
+        else:
+            # --ganw 0 (the README's commands) weights the interpolated renders' penalty by 0: skip its
+            # critic pass and double backward, but draw its mixing weights, so that a seed gives the
+            # same run as with the penalty computed.
+            torch.rand(batch, device=dev)
         d_terms = {
             "adv": o.lambda_gan * (critic_loss(s_real, s_90) + w * critic_loss(s_real, s_i)) / (1 + w),
             "gp": o.gan_reg * o.lambda_gan * gp,
         }
         loss_d = self.warm_up * (d_terms["adv"] + d_terms["gp"])
-        if not self._on_all_ranks(bool(torch.isfinite(loss_d))):
-            return self._skip_step("critic", loss_d)
+        finite_d = self._finite_on_all_ranks(loss_d)
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward(inputs=list(self.critic.parameters()))
-        self.opt_d.step()
+        _step_unless(self.opt_d, ~finite_d)
 
         # ---- encoders (the critic is only read here: its own gradients are not wanted)
-        g_90, g_i = _split_scores(self.critic(torch.cat([fake90, fake_i])), batch)
+        g_90, g_i = _split_scores(self._score(self.critic, torch.cat([fake90, fake_i])), batch)
         e_terms = {"gan": o.lambda_gan * (generator_loss(g_90) + w * generator_loss(g_i)) / (1 + w)}
-        image_l1, mask_loss = losses.data_loss(out_e.rgb, out_e.silhouette, x[:, :3], x[:, 3:],
+        image_l1, mask_loss = losses.data_loss(x_er[:, :3], x_er[:, 3:], x[:, :3], x[:, 3:],
                                                contour_weight=o.lambda_contour)
         e_terms["data"] = o.lambda_data * (o.image_weight * image_l1 + mask_loss)
-        reg_e, reg_i = self._regularisers(ae, out_e.face_normals), self._regularisers(ai, out_i.face_normals)
+        reg_e, reg_i = self._regularisers(ae, normals_e), self._regularisers(ai, normals_i)
         weights = {"laplacian": o.lambda_reg * o.lambda_lpl, "flat": o.lambda_reg * o.lambda_flat,
                    "edge": o.lambda_edge, "deform": o.lambda_deform, "depth": o.lambda_depth,
                    "depthR": o.lambda_depthR, "depthC": o.lambda_depthC}
@@ -323,19 +364,32 @@ class Trainer:
             e_terms["cycle"] = o.lambda_ic * losses.attribute_cycle_loss(
                 aire, ai.detach(), azim_weight=o.azim, l1=o.L1, chamfer=o.chamfer)
         loss_e = self.warm_up * sum(e_terms.values())
-        if not self._on_all_ranks(bool(torch.isfinite(loss_e))):
-            return self._skip_step("encoder", loss_e)
-        self.bad_streak = 0
+        # A non-finite critic loss skips the encoders' update too, as if the step had stopped there.
+        finite = finite_d & self._finite_on_all_ranks(loss_e)
         self.opt_e.zero_grad(set_to_none=True)
         loss_e.backward(inputs=[p for p in self.encoder.parameters() if p.requires_grad])
-        self.opt_e.step()
+        _step_unless(self.opt_e, ~finite)
 
-        stats = {f"D/{k}": v.item() for k, v in d_terms.items()}
-        stats.update({f"E/{k}": v.item() for k, v in e_terms.items()})
-        stats.update({"D/total": loss_d.item(), "E/total": loss_e.item(), "warm_up": self.warm_up,
-                      "mask_iou": 1 - mask_loss.item()})
+        critic_ok, step_ok = torch.stack([finite_d, finite]).tolist()  # the step's host synchronisation
+        if not step_ok:
+            return self._skip_step("critic", loss_d) if not critic_ok else self._skip_step("encoder", loss_e)
+        self.bad_streak = 0
+        stats = {f"D/{k}": v.detach() for k, v in d_terms.items()}
+        stats.update({f"E/{k}": v.detach() for k, v in e_terms.items()})
+        stats.update({"D/total": loss_d.detach(), "E/total": loss_e.detach(), "warm_up": self.warm_up,
+                      "mask_iou": 1 - mask_loss.detach()})
         self._last_batch = (x, x_er.detach(), x_ir.detach(), ae.detach())  # for the epoch's visuals
         return stats
+
+    def _finite_on_all_ranks(self, loss: torch.Tensor) -> torch.Tensor:
+        """0-dim bool on the device: `loss` is finite on every rank (so that all ranks skip together);
+        no host synchronisation."""
+        finite = torch.isfinite(loss)
+        if not self.dist.enabled:
+            return finite
+        flag = finite.float().reshape(1)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return flag[0] > 0
 
     def _skip_step(self, which: str, loss: torch.Tensor) -> dict[str, float]:
         self.bad_streak += 1
@@ -394,12 +448,12 @@ class Trainer:
             self._advance_warm_up()
             stats = self._step(batch["images"], i)
             self.start_batch, self.global_step = i + 1, self.global_step + 1
-            if stats and self.dist.is_main:
+            if stats and self.dist.is_main and (self.global_step % LOG_EVERY == 0 or i == 0):
+                stats = _read_stats(stats)
                 bar.set_postfix(D=f"{stats['D/total']:.3g}", E=f"{stats['E/total']:.3g}",
                                 data=f"{stats['E/data']:.3g}", iou=f"{stats['mask_iou']:.3f}")
-                if self.global_step % 10 == 0 or i == 0:
-                    for k, v in stats.items():
-                        self.writer.add_scalar(f"train/{k}", v, self.global_step)
+                for k, v in stats.items():
+                    self.writer.add_scalar(f"train/{k}", v, self.global_step)
             if on_step is not None:
                 on_step(self)
             if not self._on_all_ranks(not self.stop_requested):  # a signal on any rank stops all of them
@@ -557,13 +611,13 @@ class Trainer:
         self.encoder.load_state_dict(ckpt["encoder"])
         self.critic.load_state_dict(ckpt["critic"])
         try:
-            self.opt_e.load_state_dict(ckpt["opt_encoder"])
+            _load_optimizer(self.opt_e, ckpt["opt_encoder"])
         except ValueError as err:
             raise RuntimeError(
                 f"{path}: its encoder optimiser has other parameter groups than this run ({err}). A run with "
                 "from-scratch backbones started before --lr_shape_backbone existed resumes with --lr_shape_backbone 1"
             ) from err
-        self.opt_d.load_state_dict(ckpt["opt_critic"])
+        _load_optimizer(self.opt_d, ckpt["opt_critic"])
         self.sched_e.load_state_dict(ckpt["sched_encoder"])
         self.sched_d.load_state_dict(ckpt["sched_critic"])
         if self.swa is not None and "swa_state" in ckpt:
@@ -590,6 +644,33 @@ def ensure_dataset(opts: argparse.Namespace, device: torch.device) -> None:
                      image_size=opts.imageSize, ratio=opts.ratio, seed=opts.manualSeed, ellipsoid=opts.ellipsoid,
                      elevation_range=d.elev_range, distance_range=d.dist_range, offset_range=opts.bias_range,
                      device=device)
+
+
+def _step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """`optimizer.step()`, or no change at all (parameters, moments and step count) where the 0-dim
+    bool `skip` is True, decided on the device. The fused Adam kernels read the flag as
+    torch.amp.GradScaler hands it to them (`found_inf`); the tests check that a skip changes nothing."""
+    optimizer.grad_scale, optimizer.found_inf = None, skip.float()
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale, optimizer.found_inf
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load an optimizer state, written by this version or by one with unfused Adam: the saved
+    groups' implementation choice (`fused`, `foreach`) is replaced by this optimizer's, which also
+    moves the step counts where the fused kernels want them."""
+    own = optimizer.param_groups[0]
+    groups = [{**g, "fused": own["fused"], "foreach": own["foreach"]} for g in state["param_groups"]]
+    optimizer.load_state_dict({**state, "param_groups": groups})
+
+
+def _read_stats(stats: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """A step's statistics as floats, copied to the host in one transfer (a synchronisation)."""
+    names = [k for k, v in stats.items() if isinstance(v, torch.Tensor)]
+    values = torch.stack([stats[k].float() for k in names]).tolist() if names else []
+    return {**stats, **dict(zip(names, values, strict=True))}
 
 
 def _split_scores(scores, batch: int):

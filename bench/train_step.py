@@ -1,0 +1,213 @@
+"""Training-step speed of the three training scripts' configurations, on synthetic data of their sizes.
+
+For each configuration (the README's CUB, Market and ATR commands: batch 48, --hard, --bg, WGAN-GP,
+--update_shape -1, ImageNet backbones trained from scratch) and each code version, one fresh process
+(so cuDNN's algorithm search and the caches start over) builds the trainer on a generated synthetic
+dataset of that image size and measures:
+
+- first 20 steps: seconds from the first step to the end of the 20th (cuDNN benchmark, Triton
+  compilation on a cold cache, allocator growth), model building excluded;
+- steady state: images/s of `Trainer._step` over further steps, batches already on the GPU
+  (the data loader is measured by bench/data.py);
+- GPU busy: the kernels' summed GPU time per step (torch.profiler) over the steady step time;
+  launches per step (kernel launches seen by the profiler) and synchronising calls per step
+  (stream, device and event synchronisations) and host-device copies per step;
+- epoch overhead: seconds of the template update (EM, with the BatchNorm re-estimation of
+  --update_bn) and of one evaluation, against the seconds of one epoch of the same images at the
+  steady rate.
+
+    python bench/train_step.py                                  # this checkout, three configurations
+    python bench/train_step.py --variant before=/path/to/old/checkout --variant after=. \\
+        --variant "channels_last=.:--channels_last"              # versions side by side, one machine
+    python bench/train_step.py --configs cub --steps 30
+
+A variant is NAME=ROOT[:FLAGS]: the checkout whose code runs, and training flags added to the
+configuration's. Needs a CUDA device for the GPU columns (on the CPU they are left empty). Prints a
+table (and --json writes every number); not a test. Run from the repository root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BATCH = 48
+# The README's three commands (without --name), the script whose defaults they start from, and the
+# synthetic set's size flags (the synthetic preset's own size is 64x64).
+CONFIGS = {
+    "cub": ("train", "--imageSize 128 --ratio 1 --batch 48 --gan_type wgan --bg --L1 --ganw 0 --hard --lr 7e-5 "
+            "--em 7 --update_shape -1 --lambda_data 2 --unmask 2 --lambda_flat 0.01 --lambda_depthC 0.1 "
+            "--drop 0.2,0.2,0 --beta1 0.95 --update_bn --gamma 0.1 --scheduler restart1 --lambda_contour 0.1 "
+            "--em_gap 2"),
+    "market": ("train_market", "--imageSize 64 --ratio 2 --batch 48 --gan_type wgan --bg --L1 --ganw 0 --hard "
+               "--lr 5e-5 --em 7 --update_shape -1 --lambda_data 2 --unmask 2 --lambda_flat 0.02 "
+               "--lambda_depthR 0.15 --drop 0.2,0.2,0 --beta1 0.95 --clean 0.36,0.49 --em_gap 2 --pretrainc none"),
+    "atr": ("train_ATR2", "--imageSize 96 --ratio 1.666666 --batch 48 --gan_type wgan --bg --L1 --ganw 0 --hard "
+            "--lr 5.5e-5 --em 7 --update_shape -1 --lambda_data 2 --unmask 2 --lambda_flat 0.01 "
+            "--lambda_depthR 0.15 --drop 0.2,0.2,0.2 --beta1 0.95 --clean 0.18,0.26 --em_gap 2 --pretrainc none"),
+}
+# The synthetic preset would switch the backbones to 'none': keep the scripts' (trained from scratch).
+SYNTHETIC = "--dataset synthetic --pretrains hr18sv2 --pretraint res34 --no-pretrained --threshold 0.01,0.99 " \
+            "--clean_threshold 0.01,0.99"
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+
+
+def measure(args) -> None:
+    """One configuration, one code version (in this process; `args.root` is already on sys.path):
+    prints 'RESULT {json}' lines, the last one complete."""
+    import importlib
+
+    import torch
+
+    from utils.options import parse_options
+    from utils.trainer import Trainer
+
+    script, flags = CONFIGS[args.config]
+    defaults = importlib.import_module(script)
+    defaults = next(v for k, v in vars(defaults).items() if k.endswith("_DEFAULTS"))
+    work = Path(args.workdir)
+    argv = shlex.split(f"{flags} {SYNTHETIC}") + [
+        "--dataroot", str(work / f"data_{args.config}"), "--log_root", str(work / "log"),
+        "--name", f"{args.config}_{os.getpid()}", "--synthetic_train", str(args.train_images),
+        "--synthetic_test", str(args.test_images), "--workers", str(args.workers), "--device", args.device,
+    ] + shlex.split(args.flags)
+    opts = parse_options(argv, defaults)
+    trainer = Trainer(opts)
+    cuda = trainer.device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    trainer.train_sampler.set_epoch(0, 0)
+    batches = []
+    for batch in trainer.train_loader:
+        batches.append(batch["images"].to(trainer.device))
+        if len(batches) == 4:
+            break
+    step = 0
+
+    def run(n: int) -> float:
+        nonlocal step
+        sync()
+        start = time.perf_counter()
+        for _ in range(n):
+            trainer._step(batches[step % len(batches)], step)
+            step += 1
+        sync()
+        return time.perf_counter() - start
+
+    result = {"config": args.config, "flags": args.flags, "device": torch.cuda.get_device_name() if cuda else "cpu"}
+    result["first20_s"] = run(20)
+    run(3)  # a few more so that each mode of the alternation has met its shapes many times
+    seconds = run(args.steps)
+    result["step_ms"] = 1000 * seconds / args.steps
+    result["images_per_s"] = BATCH * args.steps / seconds
+    if cuda:
+        from torch.profiler import ProfilerActivity, profile
+
+        profiled = 6  # two cycles of the three-mode alternation
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            run(profiled)
+        events = prof.events()
+        kernel_us = sum(e.time_range.elapsed_us() for e in events if e.device_type.name == "CUDA")
+        result["gpu_ms_per_step"] = kernel_us / 1000 / profiled
+        result["gpu_busy"] = result["gpu_ms_per_step"] / result["step_ms"]
+        result["launches_per_step"] = sum(e.name in LAUNCH_CALLS for e in events) / profiled
+        result["syncs_per_step"] = sum(e.name in SYNC_CALLS for e in events) / profiled
+        result["copies_per_step"] = sum(e.name.startswith("cudaMemcpy") for e in events) / profiled
+    print("RESULT " + json.dumps(result), flush=True)  # the step's numbers, should the rest fail
+    # Epoch overhead: the EM template update (and --update_bn's re-estimation) and one evaluation.
+    sync()
+    start = time.perf_counter()
+    trainer._update_template()
+    sync()
+    result["template_update_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    trainer._evaluate(0)
+    sync()
+    result["evaluation_s"] = time.perf_counter() - start
+    result["epoch_s"] = len(trainer.train_loader.dataset) / result["images_per_s"]
+    # Per epoch: the template update every --em_gap epochs; the evaluation every --eval_every.
+    per_epoch = result["template_update_s"] / opts.em_gap + result["evaluation_s"] / opts.eval_every
+    result["overhead_fraction"] = per_epoch / result["epoch_s"]
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=["cub", "market", "atr"])
+    p.add_argument("--variant", action="append", default=None,
+                   help="NAME=ROOT[:FLAGS]: code checkout and extra training flags (repeatable; default 'this=.')")
+    p.add_argument("--steps", type=int, default=30, help="steady-state steps timed")
+    p.add_argument("--train_images", type=int, default=960, help="synthetic training images (the epoch size)")
+    p.add_argument("--test_images", type=int, default=96, help="synthetic test images (the evaluation's size)")
+    p.add_argument("--workers", type=int, default=8, help="loader workers of the template update / evaluation")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None, help="also write every measurement to this file (JSON lines)")
+    p.add_argument("--workdir", default=None, help="where the synthetic data and run folders go (default: temp)")
+    # internal: one measurement in this process
+    p.add_argument("--config", help=argparse.SUPPRESS)
+    p.add_argument("--root", help=argparse.SUPPRESS)
+    p.add_argument("--flags", default="", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.config:
+        sys.path.insert(0, str(Path(args.root).resolve()))
+        measure(args)
+        return 0
+
+    variants = []
+    for text in args.variant or ["this=."]:
+        name, _, rest = text.partition("=")
+        root, _, flags = rest.partition(":")
+        if not name or not Path(root, "utils", "trainer.py").is_file():
+            p.error(f"--variant {text!r}: expected NAME=ROOT[:FLAGS] with ROOT a checkout of this project")
+        variants.append((name, root, flags))
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="train_step_"))
+    rows = []
+    for config in args.configs:
+        for name, root, flags in variants:
+            cmd = [sys.executable, __file__, "--config", config, "--root", root, f"--flags={flags}",
+                   "--steps", str(args.steps), "--train_images", str(args.train_images),
+                   "--test_images", str(args.test_images),
+                   "--workers", str(args.workers), "--device", args.device, "--workdir", str(workdir)]
+            path = [str(Path(root).resolve()), *filter(None, [os.environ.get("PYTHONPATH")])]
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode != 0:
+                print(f"{config} / {name}: failed\n{proc.stderr[-3000:]}", file=sys.stderr, flush=True)
+            if not lines:
+                continue
+            row = {"variant": name, **json.loads(lines[-1][len("RESULT "):])}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+    columns = [("images/s", "images_per_s", ".1f"), ("step ms", "step_ms", ".1f"),
+               ("GPU ms/step", "gpu_ms_per_step", ".1f"), ("GPU busy", "gpu_busy", ".0%"),
+               ("launches/step", "launches_per_step", ".0f"), ("syncs/step", "syncs_per_step", ".0f"),
+               ("copies/step", "copies_per_step", ".0f"), ("first 20 steps s", "first20_s", ".1f"),
+               ("template update s", "template_update_s", ".2f"), ("evaluation s", "evaluation_s", ".2f"),
+               ("epoch s", "epoch_s", ".2f"), ("overhead", "overhead_fraction", ".0%")]
+    print(f"\n{rows[0]['device'] if rows else ''}, batch {BATCH}, {args.train_images} images an epoch")
+    print("| config | variant | " + " | ".join(c[0] for c in columns) + " |")
+    print("|---|---|" + "---|" * len(columns))
+    for r in rows:
+        cells = [format(r[key], spec) if key in r else "-" for _, key, spec in columns]
+        print(f"| {r['config']} | {r['variant']} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
