@@ -22,6 +22,7 @@ from datasets.prepare import (
     run_check,
     summarize_class_tree,
 )
+from utils.cli import run_main
 
 DRIVE_IDS: dict[str, str | None] = {"CUB_200_2011.tgz": None, "segmentations.tgz": None}
 """Archive -> Google Drive id. CUB is published by Caltech, not on Google Drive; no id is known."""
@@ -39,14 +40,10 @@ def main(argv=None) -> int:
 
     if args.check:
         return run_check(check_cub, args.root, "CUB")
-    try:
-        fetch_and_unpack(args, DRIVE_IDS, args.archives, MANUAL, in_place=True)
-        move_into(args.archives / "CUB_200_2011", args.raw)
-        move_into(args.archives / "segmentations", args.raw / "segmentations")
-        counts = prepare_cub(args.raw, args.root)
-    except (OSError, RuntimeError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    fetch_and_unpack(args, DRIVE_IDS, args.archives, MANUAL, in_place=True)
+    move_into(args.archives / "CUB_200_2011", args.raw)
+    move_into(args.archives / "segmentations", args.raw / "segmentations")
+    counts = prepare_cub(args.raw, args.root)
     print(f"CUB: {counts.get('written', 0)} pairs written, {counts.get('present', 0)} already present")
     for reason in ("no segmentation", "unreadable", "size mismatch"):
         if counts.get(reason):
@@ -57,4 +54,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -44,6 +44,7 @@ from datasets.common import (
     scan_class_tree,
     split_mask_name,
 )
+from utils.cli import ArgumentParser, RunError
 
 RATIO_TOLERANCE = 0.005 + 1e-9
 """A mask name's two-decimal ratio may differ from the content's ratio by its rounding, no more."""
@@ -67,7 +68,7 @@ def download_from_drive(file_id: str | None, path: Path, what: str, manual: str)
     the download fails.
     """
     if file_id is None:
-        raise RuntimeError(
+        raise RunError(
             f"No Google Drive id is known for {what}. Download it by hand ({manual}), save it as {path} "
             "and run the script again without --download, or pass --drive_id NAME=ID."
         )
@@ -75,7 +76,7 @@ def download_from_drive(file_id: str | None, path: Path, what: str, manual: str)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     if gdown.download(id=file_id, output=str(path), quiet=False) is None:
-        raise RuntimeError(f"downloading {what} (Google Drive id {file_id}) failed; get it by hand: {manual}")
+        raise RunError(f"downloading {what} (Google Drive id {file_id}) failed; get it by hand: {manual}")
     return path
 
 
@@ -190,7 +191,7 @@ def prepare_parser(description: str, default_root: Path, root_help: str,
                    drive_ids: dict[str, str | None]) -> argparse.ArgumentParser:
     """The flags of every prepare script: ``--root``, ``--download``, ``--drive_id ARCHIVE=ID`` (repeatable,
     names from ``drive_ids``) and ``--check``; a script adds its own flags to the parser it gets."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--root", type=Path, default=default_root, help=root_help)
     parser.add_argument("--download", action="store_true",
                         help="download the missing archives first (needs their Google Drive ids)")

@@ -15,6 +15,7 @@ from datasets.cub import CUBDataset
 from datasets.fixtures import write_atr_raw, write_cub_raw, write_market_tree
 from datasets.market import MarketDataset
 from datasets.prepare import cub_crop_box, fill_holes
+from utils.cli import EXIT_EXPECTED, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 # (x, y, w, h) boxes in a 60 x 40 image. Crops (x - .1w, y - .1h, x + 1.1w, y + 1.1h), clamped, int:
@@ -37,7 +38,8 @@ def snapshot(root):
 
 
 def run(name, argv, capsys):
-    code = script(name).main([str(a) for a in argv])
+    """Exit status and output of a prepare script, as its command line gives them (errors: one line, 2)."""
+    code = run_main(script(name).main, [str(a) for a in argv])
     out = capsys.readouterr()
     return code, out.out + out.err
 
@@ -94,9 +96,9 @@ def test_prepare_cub_unpacks_archives(tmp_path, cub_raw, capsys):
 def test_prepare_cub_missing_raw_and_download_without_id(tmp_path, capsys):
     code, out = run("prepare_cub", ["--raw", tmp_path / "nothing", "--root", tmp_path / "out",
                                     "--archives", tmp_path], capsys)
-    assert code == 1 and "unpack CUB_200_2011.tgz" in out
+    assert code == EXIT_EXPECTED and "unpack CUB_200_2011.tgz" in out
     code, out = run("prepare_cub", ["--download", "--archives", tmp_path, "--root", tmp_path / "out"], capsys)
-    assert code == 1 and "No Google Drive id is known for CUB_200_2011.tgz" in out
+    assert code == EXIT_EXPECTED and "No Google Drive id is known for CUB_200_2011.tgz" in out
     assert "caltech.edu" in out
 
 
@@ -168,9 +170,9 @@ def test_prepare_market_unpacks_names_masks_and_checks(tmp_path, capsys, monkeyp
 
 def test_prepare_market_bad_drive_id_argument(tmp_path, capsys):
     code, out = run("prepare_market", ["--root", tmp_path, "--download", "--drive_id", "nonsense"], capsys)
-    assert code == 1 and "--drive_id expects NAME=ID" in out
+    assert code == EXIT_EXPECTED and "--drive_id expects NAME=ID" in out
     code, out = run("prepare_market", ["--root", tmp_path, "--download"], capsys)
-    assert code == 1 and "No Google Drive id is known for Market-HQ.zip" in out
+    assert code == EXIT_EXPECTED and "No Google Drive id is known for Market-HQ.zip" in out
 
 
 # ----------------------------------------------------------------------------- ATR
@@ -253,4 +255,4 @@ def test_prepare_atr_masks_lists_idempotence_and_check(tmp_path, capsys):
 
 def test_prepare_atr_without_data(tmp_path, capsys):
     code, out = run("prepare_ATR", ["--root", tmp_path / "ATR"], capsys)
-    assert code == 1 and "SegmentationClassAug is missing" in out
+    assert code == EXIT_EXPECTED and "SegmentationClassAug is missing" in out

@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from networks.encoders import check_image_size
+from utils.cli import ArgumentParser
 
 DATASETS = ("cub", "market", "atr", "synthetic")
 BACKBONES = ("none", "res18", "res34", "res50", "hr18sv2")
@@ -61,7 +62,7 @@ def _range(text: str, sep: str) -> tuple[float, float]:
 
 def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     """The full schema; `defaults` (flag dest -> value) overrides the generic defaults below."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Train 3D Magic Mirror: single-image textured mesh, camera and light, learned by "
         "re-rendering. Everything a run writes goes to log/<name>/.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -217,7 +218,7 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
 
 def parse_options(argv: list[str] | None, script_defaults: dict) -> argparse.Namespace:
     """Parse a training command line on top of a script's defaults (and the synthetic preset)."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = ArgumentParser(add_help=False)
     pre.add_argument("--dataset", choices=DATASETS, default=script_defaults.get("dataset", "cub"))
     known, _ = pre.parse_known_args(argv)
     defaults = dict(script_defaults)
