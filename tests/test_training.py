@@ -22,7 +22,7 @@ from utils.checkpoints import load_checkpoint
 from utils.cli import EXIT_EXPECTED, run_main
 from utils.model import build_template
 from utils.options import parse_options
-from utils.trainer import NonFiniteLossError, Trainer
+from utils.trainer import NonFiniteLossError, Trainer, run_log
 from utils.trainer import train as run_training
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -285,12 +285,14 @@ def test_disk_full_at_a_save_keeps_the_last_checkpoint_exits_2_and_the_next_star
     assert_same_weights(resumed, straight)
 
 
-def test_loader_skips_are_written_to_the_runs_log(tmp_path, data_root):
+def test_loader_skips_are_written_to_the_runs_log(tmp_path):
     data = tmp_path / "data"
-    shutil.copytree(data_root, data)
-    stray = next((data / "train").iterdir()) / "stray.png"
+    args = [*TINY, "--dataroot", str(data), "--log_root", str(tmp_path)]
+    Trainer(parse_options([*args, "--name", "first"], {}))  # generates the synthetic data
+    stray = data / "train" / "000" / "stray.png"  # an image without its mask
     Image.new("RGB", (64, 64)).save(stray)
-    args = [*TINY, "--dataroot", str(data), "--log_root", str(tmp_path), "--name", "skips", "--niter", "1"]
-    run_training(parse_options(args, {}))
+    with run_log(tmp_path / "skips", enabled=True):  # what train() wraps a run in
+        Trainer(parse_options([*args, "--name", "skips"], {}))
     log_text = (tmp_path / "skips" / "log.txt").read_text()
     assert f"skipped 1 file(s): image without a mask ({stray})" in log_text
+    assert "data: 8 train, 8 clean, 4 test images" in log_text
