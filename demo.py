@@ -19,6 +19,7 @@ from PIL import Image
 from torchvision.utils import save_image
 
 from datasets.common import binarize, fit, to_images
+from utils.cli import ArgumentParser, run_main
 from utils.model import add_run_arguments, open_run, render_attributes
 from utils.options import derive
 from utils.visualization import azimuth_sweep, save_meshes, sweep_frames, write_gif
@@ -28,7 +29,7 @@ MASK_THRESHOLD = 127
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Reconstruct a single image with a trained run: a textured .obj, the re-rendered image "
         "and a turntable gif.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -93,4 +94,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from datasets.prepare import Archive, fetch_and_unpack, find_folder, move_into
+from utils.cli import ArgumentParser, run_main
 from utils.released import ORIGINAL_CHECKPOINT, ORIGINAL_MESH, RELEASED_RUNS
 
 MANUAL = ("the trained model linked from the README of github.com/layumi/3D-Magic-Mirror; unpack it so that "
@@ -24,7 +25,7 @@ MANUAL = ("the trained model linked from the README of github.com/layumi/3D-Magi
 def fetch_model(which: str, log_root: Path) -> Path:
     """Put the released run ``which`` ('cub' or 'market') into ``log_root/<run>/``; returns that folder.
 
-    Raises RuntimeError (download), `datasets.prepare.ArchiveError` (incomplete archive or another
+    Raises `utils.cli.RunError` (download), `datasets.prepare.ArchiveError` (incomplete archive or another
     layout) and FileExistsError (a folder of that name without the checkpoint is in the way).
     """
     run = RELEASED_RUNS[which]
@@ -45,20 +46,16 @@ def fetch_model(which: str, log_root: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("which", nargs="?", choices=(*RELEASED_RUNS, "all"), default="all",
                         help="which released model to download")
     parser.add_argument("--log_root", type=Path, default=Path("log"), help="folder that holds the run folders")
     args = parser.parse_args(argv)
-    try:
-        for which in RELEASED_RUNS if args.which == "all" else (args.which,):
-            fetch_model(which, args.log_root)
-    except (OSError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    for which in RELEASED_RUNS if args.which == "all" else (args.which,):
+        fetch_model(which, args.log_root)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

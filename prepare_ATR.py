@@ -26,6 +26,7 @@ from datasets.prepare import (
     write_atr_lists,
     write_atr_masks,
 )
+from utils.cli import run_main
 
 ARCHIVES = (Archive("ATR.zip", "1kpsMDrbM4FQqtP7Y1nKslp4OlRKNvbaL", ((IMAGE_FOLDER,), (PARSING_FOLDER,))),)
 """The processed ATR data, with the original README's Drive id."""
@@ -42,16 +43,12 @@ def main(argv=None) -> int:
     if args.check:
         return run_check(check_atr, args.root, "ATR")
     downloads = args.root / "downloads"
-    try:
-        fetch_and_unpack(parse_drive_ids(args.drive_id, ARCHIVES), downloads, MANUAL, args.download)
-        for folder in (IMAGE_FOLDER, PARSING_FOLDER):
-            if not (args.root / folder).is_dir() and downloads.is_dir():
-                move_into(find_folder(downloads, folder), args.root / folder)
-        masks = write_atr_masks(args.root)
-        lists = write_atr_lists(args.root)
-    except (OSError, RuntimeError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    fetch_and_unpack(parse_drive_ids(args.drive_id, ARCHIVES), downloads, MANUAL, args.download)
+    for folder in (IMAGE_FOLDER, PARSING_FOLDER):
+        if not (args.root / folder).is_dir() and downloads.is_dir():
+            move_into(find_folder(downloads, folder), args.root / folder)
+    masks = write_atr_masks(args.root)
+    lists = write_atr_lists(args.root)
     print(f"ATR: {masks.get('written', 0)} masks written, {masks.get('present', 0)} already present, "
           f"{masks.get('unreadable', 0)} unreadable parsing maps")
     if lists is None:
@@ -62,4 +59,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

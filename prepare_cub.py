@@ -29,6 +29,7 @@ from datasets.prepare import (
     run_check,
     summarize_class_tree,
 )
+from utils.cli import run_main
 
 PROCESSED = Archive("CUB_Data.zip", "1SkX_FWUfLOaTr371TBkQnDH9oDJ5Khwc", (("train",), ("test",)))
 """The processed CUB_Data of the original README ("ready to run after download")."""
@@ -51,23 +52,19 @@ def main(argv=None) -> int:
 
     if args.check:
         return run_check(check_cub, args.root, "CUB")
-    try:
-        processed, *raw = parse_drive_ids(args.drive_id, (PROCESSED, *RAW))
-        fetch_and_unpack([processed], args.archives, MANUAL, args.download)
-        unpacked = args.archives / f"{processed.name}.d"
-        if unpacked.is_dir():
-            move_into(find_folder(unpacked, "*", containing=("train", "test")), args.root)
-        fetch_and_unpack(raw, args.archives, MANUAL, download=False, in_place=True)
-        move_into(args.archives / "CUB_200_2011", args.raw)
-        move_into(args.archives / "segmentations", args.raw / "segmentations")
-        if not args.raw.is_dir() and (args.root / "train").is_dir() and (args.root / "test").is_dir():
-            print(f"CUB: processed tree in {args.root} (python prepare_cub.py --check validates it)")
-            counts = None
-        else:
-            counts = prepare_cub(args.raw, args.root)
-    except (OSError, RuntimeError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    processed, *raw = parse_drive_ids(args.drive_id, (PROCESSED, *RAW))
+    fetch_and_unpack([processed], args.archives, MANUAL, args.download)
+    unpacked = args.archives / f"{processed.name}.d"
+    if unpacked.is_dir():
+        move_into(find_folder(unpacked, "*", containing=("train", "test")), args.root)
+    fetch_and_unpack(raw, args.archives, MANUAL, download=False, in_place=True)
+    move_into(args.archives / "CUB_200_2011", args.raw)
+    move_into(args.archives / "segmentations", args.raw / "segmentations")
+    if not args.raw.is_dir() and (args.root / "train").is_dir() and (args.root / "test").is_dir():
+        print(f"CUB: processed tree in {args.root} (python prepare_cub.py --check validates it)")
+        counts = None
+    else:
+        counts = prepare_cub(args.raw, args.root)
     if counts is not None:
         print(f"CUB: {counts.get('written', 0)} pairs written, {counts.get('present', 0)} already present")
         for reason in ("no segmentation", "unreadable", "size mismatch"):
@@ -79,4 +76,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -25,6 +25,7 @@ from datasets.prepare import (
     run_check,
     summarize_class_tree,
 )
+from utils.cli import run_main
 
 ARCHIVES = (
     Archive("Market-HQ.zip", "10gNi3n8Iny4O4MOZRs5dNFICfj8ri9eW", ((IMAGE_FOLDER, SPLIT_FOLDERS["test"]),)),
@@ -44,18 +45,14 @@ def main(argv=None) -> int:
     if args.check:
         return run_check(check_market, args.root, "Market")
     downloads = args.root / "downloads"
-    try:
-        fetch_and_unpack(parse_drive_ids(args.drive_id, ARCHIVES), downloads, MANUAL, args.download)
-        for folder in (IMAGE_FOLDER, MASK_FOLDER):
-            if not (args.root / folder).is_dir() and downloads.is_dir():
-                move_into(find_folder(downloads, folder, containing=(SPLIT_FOLDERS["test"],)), args.root / folder)
-            if not (args.root / folder).is_dir():
-                raise FileNotFoundError(f"{args.root / folder} is missing: get {MANUAL} and unpack them into "
-                                        f"{downloads} (or use --download)")
-        counts = name_market_masks(args.root)
-    except (OSError, RuntimeError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    fetch_and_unpack(parse_drive_ids(args.drive_id, ARCHIVES), downloads, MANUAL, args.download)
+    for folder in (IMAGE_FOLDER, MASK_FOLDER):
+        if not (args.root / folder).is_dir() and downloads.is_dir():
+            move_into(find_folder(downloads, folder, containing=(SPLIT_FOLDERS["test"],)), args.root / folder)
+        if not (args.root / folder).is_dir():
+            raise FileNotFoundError(f"{args.root / folder} is missing: get {MANUAL} and unpack them into "
+                                    f"{downloads} (or use --download)")
+    counts = name_market_masks(args.root)
     print(f"Market: {counts.get('renamed', 0)} masks given a ratio name, {counts.get('named', 0)} already named, "
           f"{counts.get('unreadable', 0)} unreadable")
     for split, folder in SPLIT_FOLDERS.items():
@@ -65,4 +62,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

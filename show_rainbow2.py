@@ -21,6 +21,7 @@ import torch
 from torchvision.utils import save_image
 
 from renderer.mesh import save_obj
+from utils.cli import ArgumentParser, run_main
 from utils.model import add_run_arguments, evaluation_split, open_run, render_attributes
 from utils.options import derive
 from utils.visualization import (
@@ -41,7 +42,7 @@ DEFAULT_IMAGES = 32
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Write the appearance-swap and camera-sweep gifs, image grids and meshes of a trained "
         "run into <log_root>/<name>/.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -104,4 +105,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

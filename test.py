@@ -14,6 +14,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 from torchvision.utils import save_image
 
+from utils.cli import ArgumentParser, run_main
 from utils.metrics import FID_WEIGHTS_NAME, encoder_complexity, evaluate, load_fid_inception, whiten
 from utils.model import add_run_arguments, build_template, evaluation_split, open_run
 from utils.options import derive
@@ -45,7 +46,7 @@ ROWS = [  # (result key, label, format)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Evaluate a trained run on its test split: mask IoU, SSIM, FID (optional), parameters "
         "and FLOPs, and 3-D errors on synthetic data. Appends a JSON line to <log_root>/<name>/metrics.jsonl "
         "and prints a table.",
@@ -135,4 +136,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -6,6 +6,7 @@ the original code's.
 
 import sys
 
+from utils.cli import run_main
 from utils.options import parse_options
 from utils.trainer import train
 
@@ -22,4 +23,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

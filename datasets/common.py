@@ -48,6 +48,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 
+from utils.cli import RunError
+
 logger = logging.getLogger(__name__)
 
 MASK_NAME = re.compile(r"^(?P<stem>.+)_(?P<ratio>\d\.\d\d)\.png$")
@@ -406,7 +408,7 @@ class MaskedImageDataset(Dataset):
                 self.load_skips += 1
                 logger.warning("%s: skipping %s at load time: %s (%d skipped in this process)",
                                self.name, self.samples[position].mask_path, err, self.load_skips)
-        raise RuntimeError(f"{self.name}: every sample failed to load (see the warnings above)")
+        raise RunError(f"{self.name}: every sample failed to load (see the warnings above)")
 
     def load(self, position: int) -> dict:
         """Item of sample ``position`` (no index wrapping); raises BadSampleError for a bad sample."""

@@ -48,6 +48,7 @@ from datasets.common import (
     scan_class_tree,
     split_mask_name,
 )
+from utils.cli import ArgumentParser, RunError
 
 RATIO_TOLERANCE = 0.005 + 1e-9
 """A mask name's two-decimal ratio may differ from the content's ratio by its rounding, no more."""
@@ -73,7 +74,7 @@ class Archive:
         return " and ".join("/".join(names) for names in self.holds)
 
 
-class ArchiveError(RuntimeError):
+class ArchiveError(RunError):
     """A downloaded or dropped-in archive that is incomplete or does not hold the expected layout."""
 
 
@@ -92,13 +93,13 @@ def download_from_drive(archive: Archive, folder: Path, manual: str) -> Path:
     """Download ``archive`` into ``folder`` with gdown (the only network step); returns its path.
 
     The file is written as ``<name>.part`` and renamed when complete, so an interrupted download
-    never looks like an archive. Raises RuntimeError naming ``manual`` (where to get it by hand and
+    never looks like an archive. Raises RunError naming ``manual`` (where to get it by hand and
     where to put it) when there is no id or the download fails (offline, quota, moved file).
     """
     path = folder / archive.name
     by_hand = f"Get it by hand ({manual}), save it as {path} and run the script again"
     if archive.drive_id is None:
-        raise RuntimeError(f"No Google Drive id is known for {archive.name}. {by_hand} "
+        raise RunError(f"No Google Drive id is known for {archive.name}. {by_hand} "
                            "(or pass --drive_id NAME=ID).")
     import gdown  # only needed (and only able to work) with network access
 
@@ -112,7 +113,7 @@ def download_from_drive(archive: Archive, folder: Path, manual: str) -> Path:
         reason = "gdown returned nothing"
     if result is None or not partial.is_file():
         partial.unlink(missing_ok=True)
-        raise RuntimeError(f"downloading {archive.name} (Google Drive id {archive.drive_id}) failed ({reason}). "
+        raise RunError(f"downloading {archive.name} (Google Drive id {archive.drive_id}) failed ({reason}). "
                            f"{by_hand}.")
     partial.replace(path)
     return path
@@ -201,7 +202,7 @@ def fetch_and_unpack(archives: Iterable[Archive], folder: Path, manual: str, dow
     present; print each unpacked now.
 
     With ``in_place`` each archive is unpacked straight into ``folder`` (CUB's raw tarballs hold their
-    own top folder); otherwise into its own ``folder/<name>.d/``. Raises RuntimeError (download) and
+    own top folder); otherwise into its own ``folder/<name>.d/``. Raises RunError (download) and
     ArchiveError (bad archive).
     """
     for archive in archives:
@@ -264,7 +265,7 @@ def prepare_parser(description: str, default_root: Path, root_help: str,
                    archives: Iterable[Archive]) -> argparse.ArgumentParser:
     """The flags of every prepare script: ``--root``, ``--download``, ``--drive_id ARCHIVE=ID`` (repeatable,
     names from ``archives``) and ``--check``; a script adds its own flags to the parser it gets."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--root", type=Path, default=default_root, help=root_help)
     parser.add_argument("--download", action="store_true",
                         help="download the missing archives first (Google Drive ids of the original README)")

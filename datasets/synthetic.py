@@ -59,6 +59,7 @@ from datasets.cub import CUBDataset
 from renderer.camera import FOVY_RAD, camera_transform, perspective_projection, project, world_to_camera
 from renderer.mesh import Template
 from renderer.render import render
+from utils.cli import RunError
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +268,7 @@ def random_cameras(verts: Tensor, config: SyntheticConfig, generator: torch.Gene
         pending = pending[~ok]
         if len(pending) == 0:
             return cameras
-    raise RuntimeError(f"no camera in the given ranges frames {len(pending)} of the meshes: widen "
+    raise RunError(f"no camera in the given ranges frames {len(pending)} of the meshes: widen "
                        "distance_range or shrink offset_range")
 
 

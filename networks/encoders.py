@@ -35,6 +35,7 @@ from networks.blocks import (
     init_weights,
     normalize_4c,
 )
+from utils.cli import RunError
 
 BACKBONES = ("none", "res18", "res34", "res50", "hr18sv2")
 TEXTURE_BACKBONES = ("none", "res18", "res34")
@@ -63,8 +64,8 @@ def _load_pretrained(build: Callable[[], nn.Module], what: str) -> nn.Module:
     try:
         return build()
     except Exception as err:  # network, cache and checksum failures all surface differently
-        raise RuntimeError(f"could not load ImageNet weights for {what} ({type(err).__name__}: {err}); "
-                           f"{_SCRATCH_HINT}") from err
+        raise RunError(f"could not load ImageNet weights for {what} ({type(err).__name__}: {err}); "
+                       f"{_SCRATCH_HINT}") from err
 
 
 def _import_timm():

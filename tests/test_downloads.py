@@ -15,6 +15,7 @@ from datasets.atr import ATRDataset
 from datasets.cub import CUBDataset
 from datasets.fixtures import write_atr_raw, write_cub_tree, write_market_tree
 from datasets.market import MarketDataset
+from utils.cli import EXIT_EXPECTED, EXIT_INTERRUPTED, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CUB_DATA_ID = "1SkX_FWUfLOaTr371TBkQnDH9oDJ5Khwc"
@@ -28,7 +29,7 @@ def script(name):
 
 
 def run(name, argv, capsys):
-    code = script(name).main([str(a) for a in argv])
+    code = run_main(script(name).main, [str(a) for a in argv])
     out = capsys.readouterr()
     return code, out.out + out.err
 
@@ -88,7 +89,7 @@ def test_truncated_archive_is_rejected_and_the_next_run_fetches_it_again(tmp_pat
     truncated.write_bytes(cub_data_zip.read_bytes()[: cub_data_zip.stat().st_size // 2])
     asked = fake_drive(monkeypatch, {CUB_DATA_ID: truncated})
     code, out = run("prepare_cub", cub_args(data), capsys)
-    assert code == 1 and "CUB_Data.zip is not a complete zip or tar archive" in out
+    assert code == EXIT_EXPECTED and "CUB_Data.zip is not a complete zip or tar archive" in out
     assert "renamed CUB_Data.zip.rejected" in out and "--download again" in out
     assert not (data / "CUB_Data").exists() and not (data / "CUB_Data.zip").exists()
 
@@ -102,7 +103,7 @@ def test_archive_with_the_wrong_layout_is_rejected(tmp_path, capsys, monkeypatch
     write_atr_raw(source / "humanparsing", ["2500_1"])  # an ATR archive where CUB_Data was expected
     fake_drive(monkeypatch, {CUB_DATA_ID: zip_tree(source, tmp_path / "wrong.zip")})
     code, out = run("prepare_cub", cub_args(data), capsys)
-    assert code == 1
+    assert code == EXIT_EXPECTED
     assert "does not have the layout of CUB_Data.zip (expected train and test inside, missing train)" in out
     assert (data / "CUB_Data.zip.rejected").is_file() and not (data / "CUB_Data").exists()
 
@@ -118,8 +119,8 @@ def test_interrupted_unpack_leaves_nothing_that_looks_complete(tmp_path, cub_dat
         return real_extract(self, member, targetpath, pwd)
 
     monkeypatch.setattr(zipfile.ZipFile, "_extract_member", extract_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        run("prepare_cub", cub_args(data), capsys)
+    code, out = run("prepare_cub", cub_args(data), capsys)
+    assert code == EXIT_INTERRUPTED and "prepare_cub.py: interrupted" in out
     unpacked = data / "CUB_Data.zip.d"
     assert (unpacked / ".CUB_Data.zip.partial").is_dir()  # the half-extracted files are only in the staging folder
     assert not (data / "CUB_Data").exists() and not (unpacked / ".CUB_Data.zip.unpacked").exists()
@@ -153,7 +154,7 @@ def test_market_masks_archive_in_place_of_the_images_is_rejected(tmp_path, capsy
     masks = zip_tree(source / "hq" / "seg_hmr", tmp_path / "masks.zip", "hq/seg_hmr")
     fake_drive(monkeypatch, {"10gNi3n8Iny4O4MOZRs5dNFICfj8ri9eW": masks})
     code, out = run("prepare_market", ["--root", tmp_path / "Market", "--download"], capsys)
-    assert code == 1 and "expected pytorch/query inside, missing pytorch/query" in out
+    assert code == EXIT_EXPECTED and "expected pytorch/query inside, missing pytorch/query" in out
 
 
 def test_atr_download_unpacks_prepares_and_checks(tmp_path, capsys, monkeypatch):
@@ -202,7 +203,7 @@ def test_download_models_rejects_a_truncated_archive_and_resumes(tmp_path, marke
     fake_drive(monkeypatch, {MARKET_MODEL_ID: truncated})
     log = tmp_path / "log"
     code, out = run("download_models", ["market", "--log_root", log], capsys)
-    assert code == 1 and "is not a complete zip or tar archive" in out and not (log / MARKET_RUN).exists()
+    assert code == EXIT_EXPECTED and "is not a complete zip or tar archive" in out and not (log / MARKET_RUN).exists()
     fake_drive(monkeypatch, {MARKET_MODEL_ID: market_model_zip})
     code, out = run("download_models", ["market", "--log_root", log], capsys)
     assert code == 0 and (log / MARKET_RUN / "ckpts" / "best_mesh.obj").is_file()
@@ -214,12 +215,12 @@ def test_download_models_wrong_layout_and_offline(tmp_path, capsys, monkeypatch)
     (source / "best_ckpt.pth").write_bytes(b"checkpoint")  # no best_mesh.obj
     fake_drive(monkeypatch, {MARKET_MODEL_ID: zip_tree(tmp_path / "source", tmp_path / "model.zip")})
     code, out = run("download_models", ["market", "--log_root", tmp_path / "log"], capsys)
-    assert code == 1 and "missing ckpts/best_mesh.obj" in out
+    assert code == EXIT_EXPECTED and "missing ckpts/best_mesh.obj" in out
 
     def offline(**kwargs):
         raise ConnectionError("no network")
 
     monkeypatch.setattr("gdown.download", offline)
     code, out = run("download_models", ["cub", "--log_root", tmp_path / "log"], capsys)
-    assert code == 1 and "downloading CUB_wgan_b48" in out and "failed (ConnectionError: no network)" in out
+    assert code == EXIT_EXPECTED and "downloading CUB_wgan_b48" in out and "failed (ConnectionError: no network)" in out
     assert "ckpts/best_ckpt.pth exists" in out and "save it as" in out

@@ -22,6 +22,7 @@ from renderer.mesh import Template
 from renderer.render import render
 from renderer.shading import mask_iou
 from utils.checkpoints import load_checkpoint
+from utils.cli import EXIT_EXPECTED, run_main
 from utils.metrics import (
     FIDInception,
     centred,
@@ -356,6 +357,23 @@ def test_demo_bad_inputs(run, tmp_path):
         demo.main(run_flags(run, str(tmp_path / "plain.jpg"), "--mask", str(tmp_path / "empty_mask.png")))
     with pytest.raises(FileNotFoundError, match="missing.png"):
         demo.main(run_flags(run, str(tmp_path / "missing.png")))
+
+
+def test_a_non_image_for_demo_and_unreadable_checkpoints_for_test_py_are_one_line(run, tmp_path, capsys):
+    (tmp_path / "notes.png").write_text("not an image")
+    assert run_main(demo.main, run_flags(run, str(tmp_path / "notes.png"))) == EXIT_EXPECTED
+    assert capsys.readouterr().err.splitlines() == [
+        f"demo.py: error: cannot identify image file '{tmp_path / 'notes.png'}'"]
+
+    broken = tmp_path / "log" / "tiny"
+    shutil.copytree(run.dir, broken)
+    (broken / "ckpts" / "best.pt").write_bytes(b"")
+    (broken / "ckpts" / "best.prev.pt").write_bytes(b"\x00" * 64)
+    args = ["--name", "tiny", "--log_root", str(tmp_path / "log"), "--device", "cpu"]
+    assert run_main(evaluation_script.main, args) == EXIT_EXPECTED
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1].startswith(f"test.py: error: neither generation of {broken / 'ckpts' / 'best.pt'} can be read")
+    assert "Traceback" not in "\n".join(lines)
 
 
 def test_padding_keeps_the_aspect_ratio_of_a_demo_image(tmp_path):

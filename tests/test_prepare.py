@@ -15,6 +15,7 @@ from datasets.cub import CUBDataset
 from datasets.fixtures import write_atr_raw, write_cub_raw, write_market_tree
 from datasets.market import MarketDataset
 from datasets.prepare import cub_crop_box, fill_holes
+from utils.cli import EXIT_EXPECTED, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 # (x, y, w, h) boxes in a 60 x 40 image. Crops (x - .1w, y - .1h, x + 1.1w, y + 1.1h), clamped, int:
@@ -37,7 +38,8 @@ def snapshot(root):
 
 
 def run(name, argv, capsys):
-    code = script(name).main([str(a) for a in argv])
+    """Exit status and output of a prepare script, as its command line gives them (errors: one line, 2)."""
+    code = run_main(script(name).main, [str(a) for a in argv])
     out = capsys.readouterr()
     return code, out.out + out.err
 
@@ -99,10 +101,11 @@ def offline(**kwargs):
 def test_prepare_cub_missing_raw_and_download_offline(tmp_path, capsys, monkeypatch):
     code, out = run("prepare_cub", ["--raw", tmp_path / "nothing", "--root", tmp_path / "out",
                                     "--archives", tmp_path], capsys)
-    assert code == 1 and "unpack CUB_200_2011.tgz" in out
+    assert code == EXIT_EXPECTED and "unpack CUB_200_2011.tgz" in out
     monkeypatch.setattr("gdown.download", offline)
     code, out = run("prepare_cub", ["--download", "--archives", tmp_path, "--root", tmp_path / "out"], capsys)
-    assert code == 1 and "downloading CUB_Data.zip (Google Drive id 1SkX_FWUfLOaTr371TBkQnDH9oDJ5Khwc) failed" in out
+    assert code == EXIT_EXPECTED
+    assert "downloading CUB_Data.zip (Google Drive id 1SkX_FWUfLOaTr371TBkQnDH9oDJ5Khwc) failed" in out
     assert f"save it as {tmp_path / 'CUB_Data.zip'}" in out and "caltech.edu" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no partial download left behind
 
@@ -175,10 +178,11 @@ def test_prepare_market_unpacks_names_masks_and_checks(tmp_path, capsys, monkeyp
 
 def test_prepare_market_bad_drive_id_argument(tmp_path, capsys, monkeypatch):
     code, out = run("prepare_market", ["--root", tmp_path, "--download", "--drive_id", "nonsense"], capsys)
-    assert code == 1 and "--drive_id expects NAME=ID" in out
+    assert code == EXIT_EXPECTED and "--drive_id expects NAME=ID" in out
     monkeypatch.setattr("gdown.download", offline)
     code, out = run("prepare_market", ["--root", tmp_path, "--download"], capsys)
-    assert code == 1 and "downloading Market-HQ.zip (Google Drive id 10gNi3n8Iny4O4MOZRs5dNFICfj8ri9eW) failed" in out
+    assert code == EXIT_EXPECTED
+    assert "downloading Market-HQ.zip (Google Drive id 10gNi3n8Iny4O4MOZRs5dNFICfj8ri9eW) failed" in out
 
 
 # ----------------------------------------------------------------------------- ATR
@@ -261,4 +265,4 @@ def test_prepare_atr_masks_lists_idempotence_and_check(tmp_path, capsys):
 
 def test_prepare_atr_without_data(tmp_path, capsys):
     code, out = run("prepare_ATR", ["--root", tmp_path / "ATR"], capsys)
-    assert code == 1 and "SegmentationClassAug is missing" in out
+    assert code == EXIT_EXPECTED and "SegmentationClassAug is missing" in out

@@ -1,8 +1,10 @@
 """End-to-end training on a tiny synthetic dataset: smoke runs, resume, interruption, NaN handling."""
 
+import importlib.util
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,18 +13,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import train
 import train_ATR2
 import train_market
 from networks import losses
 from utils.checkpoints import load_checkpoint
+from utils.cli import EXIT_EXPECTED, run_main
 from utils.model import build_template
 from utils.options import parse_options
-from utils.trainer import NonFiniteLossError, Trainer
+from utils.trainer import NonFiniteLossError, Trainer, run_log
 from utils.trainer import train as run_training
 
 ROOT = Path(__file__).resolve().parents[1]
+# By path: `import test` could find the standard library's `test` package instead.
+_spec = importlib.util.spec_from_file_location("evaluation_script", ROOT / "test.py")
+test_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(test_script)
 
 # 8 training images at batch 4: two steps per epoch.
 TINY = ["--dataset", "synthetic", "--imageSize", "64", "--batchSize", "4", "--synthetic_train", "8",
@@ -252,3 +260,138 @@ def test_a_checkpoint_resumes_with_the_other_memory_layout(tmp_path, data_root):
     assert resumed.global_step == 4
     conv = next(m for m in resumed.encoder.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous() and first.encoder.state_dict().keys() == resumed.encoder.state_dict().keys()
+
+
+# ----------------------------------------------------------------------------- surviving kills, full disks, requeues
+
+
+class HardKill(BaseException):
+    """Stands for kill -9: it ends the run without the trainer's signal handling saving anything."""
+
+
+def kill_at(step):
+    def on_step(trainer):
+        if trainer.global_step == step:
+            raise HardKill
+
+    return on_step
+
+
+def attempt(args, on_step=None):
+    """Run one attempt of a training command; a HardKill ends it the way kill -9 would."""
+    try:
+        return run_training(parse_options(args, {}), on_step)
+    except HardKill:
+        return None
+
+
+def assert_same_weights(a, b):
+    a, b = _params(a), _params(b)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, data_root):
+    """The uninterrupted 3-epoch run (2 steps each) the interrupted ones below must reproduce exactly."""
+    return run_training(parse_options(tiny_args(tmp_path_factory.mktemp("straight"), data_root, "straight",
+                                                "--niter", "3"), {}))
+
+
+def test_requeued_command_starts_a_run_killed_before_its_first_checkpoint_then_resumes_it(tmp_path, data_root,
+                                                                                           straight):
+    args = tiny_args(tmp_path, data_root, "requeued", "--niter", "3", "--auto_resume")
+    run = tmp_path / "requeued"
+    assert attempt(args, kill_at(1)) is None  # killed in epoch 0: opts.yaml, no checkpoint
+    assert (run / "opts.yaml").is_file() and not any((run / "ckpts").glob("*.pt"))
+    assert attempt(args, kill_at(3)) is None  # the same command starts it again; killed after epoch 0's save
+    assert load_checkpoint(run / "ckpts" / "latest.pt")["global_step"] == 2
+    finished = attempt(args)  # and resumes it
+    assert finished.global_step == 6
+    assert_same_weights(finished, straight)
+    log_text = (run / "log.txt").read_text()
+    assert "holds no checkpoint yet" in log_text and "resumed from" in log_text
+
+    with pytest.raises(ValueError, match=r"started with other options: --lr 0.0001 \(now 0.0002\)"):
+        run_training(parse_options([*args, "--lr", "2e-4"], {}))
+    with pytest.raises(FileExistsError, match="--auto_resume"):  # without it, a checkpoint is never overwritten
+        run_training(parse_options(tiny_args(tmp_path, data_root, "requeued", "--niter", "3"), {}))
+
+
+def test_plain_command_restarts_a_run_killed_before_its_first_checkpoint(tmp_path, data_root):
+    args = tiny_args(tmp_path, data_root, "plain", "--niter", "1")
+    assert attempt(args, kill_at(1)) is None
+    assert attempt(args).global_step == 2
+
+
+def test_truncated_latest_resumes_bit_exact_from_the_previous_generation_and_test_py_uses_it(
+        tmp_path, data_root, straight, capsys, caplog):
+    args = tiny_args(tmp_path, data_root, "truncated", "--niter", "3")
+    assert attempt(args, kill_at(5)) is None  # latest.pt after epoch 1 (step 4), latest.prev.pt after epoch 0
+    latest = tmp_path / "truncated" / "ckpts" / "latest.pt"
+    data = latest.read_bytes()
+    latest.write_bytes(data[: len(data) // 3])
+
+    evaluation = ["--name", "truncated", "--log_root", str(tmp_path), "--checkpoint", "latest", "--device", "cpu"]
+    assert test_script.main(evaluation) == 0
+    assert "using the previous generation" in caplog.text and "latest.prev.pt" in caplog.text
+    line = json.loads((tmp_path / "truncated" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert line["checkpoint"].endswith("latest.prev.pt") and line["epoch"] == 1
+    capsys.readouterr()
+
+    resumed = attempt([*args, "--resume"])
+    assert resumed.global_step == 6
+    assert_same_weights(resumed, straight)
+
+
+def test_timed_checkpoints_inside_an_epoch_resume_exactly_and_zero_turns_them_off(tmp_path, data_root, straight):
+    # 1e-6 minutes: a checkpoint after every step that does not end an epoch.
+    args = tiny_args(tmp_path, data_root, "timed", "--niter", "3", "--save_every_min", "1e-6")
+    assert attempt(args, kill_at(4)) is None  # killed after step 4's update, before its checkpoint
+    ckpt = load_checkpoint(tmp_path / "timed" / "ckpts" / "latest.pt")
+    assert (ckpt["epoch"], ckpt["next_batch"], ckpt["global_step"]) == (1, 1, 3)
+    resumed = attempt([*args, "--resume"])
+    assert resumed.global_step == 6
+    assert_same_weights(resumed, straight)
+
+    off = tiny_args(tmp_path, data_root, "untimed", "--niter", "3", "--save_every_min", "0")
+    assert attempt(off, kill_at(2)) is None  # after epoch 0's last step, before its checkpoint
+    assert not (tmp_path / "untimed" / "ckpts" / "latest.pt").exists()
+
+
+def test_disk_full_at_a_save_keeps_the_last_checkpoint_exits_2_and_the_next_start_resumes(
+        tmp_path, data_root, straight, monkeypatch, capsys):
+    args = tiny_args(tmp_path, data_root, "full", "--niter", "3")
+    latest = tmp_path / "full" / "ckpts" / "latest.pt"
+    real_usage = shutil.disk_usage
+
+    def fills_after_the_first_checkpoint(folder):
+        usage = real_usage(folder)
+        return usage._replace(free=1000) if latest.exists() else usage
+
+    monkeypatch.setattr(shutil, "disk_usage", fills_after_the_first_checkpoint)
+    assert run_main(train.main, args) == EXIT_EXPECTED
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("train.py: error: not enough disk space to save ") and "needs about" in error
+    assert "has 1,000 free" in error and "Traceback" not in error
+    assert load_checkpoint(latest)["global_step"] == 2  # epoch 0's checkpoint is kept
+    assert not any(latest.parent.glob(".*tmp*"))
+
+    monkeypatch.setattr(shutil, "disk_usage", real_usage)  # space freed
+    resumed = attempt([*args, "--resume"])
+    assert resumed.global_step == 6
+    assert_same_weights(resumed, straight)
+
+
+def test_loader_skips_are_written_to_the_runs_log(tmp_path):
+    data = tmp_path / "data"
+    args = [*TINY, "--dataroot", str(data), "--log_root", str(tmp_path)]
+    Trainer(parse_options([*args, "--name", "first"], {}))  # generates the synthetic data
+    stray = data / "train" / "000" / "stray.png"  # an image without its mask
+    Image.new("RGB", (64, 64)).save(stray)
+    with run_log(tmp_path / "skips", enabled=True):  # what train() wraps a run in
+        Trainer(parse_options([*args, "--name", "skips"], {}))
+    log_text = (tmp_path / "skips" / "log.txt").read_text()
+    assert f"skipped 1 file(s): image without a mask ({stray})" in log_text
+    assert "data: 8 train, 8 clean, 4 test images" in log_text

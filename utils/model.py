@@ -16,7 +16,8 @@ from datasets import build_dataset
 from networks import AttributeEncoder, Attributes, Discriminator, MultiScaleDiscriminator
 from renderer.mesh import Template
 from renderer.render import RenderOutput, render
-from utils.checkpoints import load_checkpoint
+from utils.checkpoints import load_newest
+from utils.cli import RunError
 from utils.options import derive, load_options
 
 
@@ -26,7 +27,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name} asked for, but PyTorch sees no CUDA device: use --device cpu")
+        raise RunError(f"--device {name} asked for, but PyTorch sees no CUDA device: use --device cpu")
     return device
 
 
@@ -104,10 +105,12 @@ def load_run(run_dir: Path, which: str = "best", device: str = "cpu", swa: bool 
 
     Args:
         run_dir: log/<name>.
-        which: 'best', 'latest', or a path to a checkpoint file.
+        which: 'best', 'latest', or a path to a checkpoint file; when that file is unreadable, its
+            previous generation (`<stem>.prev.pt`) is used with a warning.
         swa: load the stochastic-weight-averaged encoder instead of the last one.
-    Raises FileNotFoundError (never evaluates an untrained model) and ValueError for a checkpoint
-    without SWA weights when `swa` is asked for, or an original run folder that cannot be converted.
+    Raises FileNotFoundError (never evaluates an untrained model), CheckpointError for unreadable or
+    untrusted checkpoints and ValueError for a checkpoint without SWA weights when `swa` is asked for,
+    or an original run folder that cannot be converted.
     """
     from utils.released import run_folder  # utils.released builds its encoders with this module
 
@@ -117,7 +120,7 @@ def load_run(run_dir: Path, which: str = "best", device: str = "cpu", swa: bool 
     run_dir = run_folder(run_dir)
     opts = load_options(run_dir / "opts.yaml")
     path = Path(which) if which not in ("best", "latest") else run_dir / "ckpts" / f"{which}.pt"
-    ckpt = load_checkpoint(path)
+    ckpt, path = load_newest(path)
     # The weights come from the checkpoint: never ask for ImageNet weights when rebuilding.
     opts.pretrained = False
     template = build_template(opts)

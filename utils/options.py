@@ -16,6 +16,7 @@ Rules:
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import yaml
 
 from datasets import CROP_DATASETS
 from networks.encoders import check_image_size
+from utils.cli import ArgumentParser
 
 DATASETS = ("cub", "market", "atr", "synthetic", "birds")
 BACKBONES = ("none", "res18", "res34", "res50", "hr18sv2")
@@ -84,7 +86,7 @@ def _range(text: str, sep: str) -> tuple[float, float]:
 
 def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     """The full schema; `defaults` (flag dest -> value) overrides the generic defaults below."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Train 3D Magic Mirror: single-image textured mesh, camera and light, learned by "
         "re-rendering. Everything a run writes goes to log/<name>/.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -95,7 +97,14 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     g.add_argument("--name", default="baseline", help="run name; the run folder is log/<name>")
     g.add_argument("--log_root", default="./log", help="folder that holds the run folders")
     g.add_argument("--resume", **bool_flag, default=False,
-                   help="continue log/<name> from ckpts/latest.pt exactly where it stopped")
+                   help="continue log/<name> from ckpts/latest.pt (or, if that is unreadable, the previous "
+                   "generation latest.prev.pt) exactly where it stopped; refused when there is no checkpoint")
+    g.add_argument("--auto_resume", **bool_flag, default=False,
+                   help="resume log/<name> if it holds a checkpoint, else start it: the one command for a job "
+                   "that a cluster may kill and requeue (README: Reliability)")
+    g.add_argument("--save_every_min", type=float, default=20.0,
+                   help="also write ckpts/latest.pt inside an epoch when this many minutes have passed since "
+                   "the last checkpoint, so a hard kill loses at most this much training; 0: only at epoch ends")
     g.add_argument("--manualSeed", type=int, default=0, help="seed of every random generator")
     g.add_argument("--device", default="auto", help="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'")
     g.add_argument("--eval_every", type=int, default=20,
@@ -256,7 +265,7 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
 
 def parse_options(argv: list[str] | None, script_defaults: dict) -> argparse.Namespace:
     """Parse a training command line on top of a script's defaults (and a generated dataset's preset)."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = ArgumentParser(add_help=False)
     pre.add_argument("--dataset", choices=DATASETS, default=script_defaults.get("dataset", "cub"))
     known, _ = pre.parse_known_args(argv)
     defaults = dict(script_defaults)
@@ -299,6 +308,8 @@ def derive(opts: argparse.Namespace) -> Derived:
                          "augmentation is a shift, not a crop: drop the flag")
     if opts.lr_shape_backbone < 0:
         raise ValueError("--lr_shape_backbone is a fraction of --lr and must be >= 0")
+    if opts.save_every_min < 0:
+        raise ValueError("--save_every_min must be >= 0 (0: checkpoints only at epoch ends)")
     check_image_size(round(opts.ratio * opts.imageSize), opts.imageSize)
     try:
         elev = _range(opts.elev_range, "~")
@@ -326,16 +337,50 @@ def derive(opts: argparse.Namespace) -> Derived:
     )
 
 
+RUNTIME_OPTIONS = frozenset({
+    "name", "log_root", "resume", "auto_resume", "debug", "device", "dataroot", "workers", "prefetch_factor",
+    "eval_every", "vis_every", "save_every_min", "max_bad_steps", "cudnn_benchmark", "niter",
+})
+"""Options that may differ between the attempts of one run: where and how it runs, and `--niter` (a run
+may be extended; its schedulers keep the state they were checkpointed with)."""
+
+
 def save_options(opts: argparse.Namespace, path: Path) -> None:
-    """Write the options as YAML (what test.py / show_rainbow2.py / demo.py rebuild the model from)."""
-    path.write_text(yaml.safe_dump(vars(opts), sort_keys=True))
+    """Write the options as YAML (what test.py / show_rainbow2.py / demo.py rebuild the model from).
+
+    Atomic (temporary file + rename): a run killed while writing never leaves a torn opts.yaml."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(vars(opts), sort_keys=True))
+    os.replace(tmp, path)
+
+
+def check_same_options(opts: argparse.Namespace, path: Path) -> None:
+    """Raise ValueError naming every option (outside `RUNTIME_OPTIONS`) whose value differs from the
+    run's saved `path` (opts.yaml); options the file predates are not compared."""
+    stored = _read_yaml(path)
+    current = vars(opts)
+    differ = sorted(k for k in stored.keys() & current.keys() - RUNTIME_OPTIONS if stored[k] != current[k])
+    if differ:
+        changes = ", ".join(f"--{k} {stored[k]!r} (now {current[k]!r})" for k in differ)
+        raise ValueError(f"{path.parent} was started with other options: {changes}. Repeat its options to "
+                         "continue it (only where and how it runs may change), or choose another --name")
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        stored = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML ({err}); fix or remove it") from None
+    if not isinstance(stored, dict):
+        raise ValueError(f"{path} does not hold a mapping of options; fix or remove it")
+    return stored
 
 
 def load_options(path: Path) -> argparse.Namespace:
     """Read a run's opts.yaml back, filling flags added since it was written with today's defaults."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is the run name right? Runs live in log/<name>/opts.yaml")
-    stored = yaml.safe_load(path.read_text()) or {}
+    stored = _read_yaml(path)
     opts = build_parser().parse_args([])
     known = vars(opts)
     unknown = set(stored) - set(known)

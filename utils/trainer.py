@@ -5,21 +5,25 @@ interpolated attributes under a random camera and render it, re-encode that rend
 cycle), update the critic (WGAN-GP), then the encoders on the weighted sum of all loss terms. Per
 epoch: SWA, schedulers, evaluation, images, the template (EM) update and a checkpoint.
 
-Reliability: every checkpoint is atomic and holds the models, optimizers, schedulers, SWA state,
-learned template, warm-up, data position and RNG states, so `--resume` continues bit-for-bit on the
-CPU; SIGINT/SIGTERM finish the current step, save and exit; a non-finite loss skips the step and
-several in a row stop the run without writing a bad checkpoint.
+Reliability: every checkpoint holds the models, optimizers, schedulers, SWA state, learned template,
+warm-up, data position and RNG states, so `--resume` continues bit-for-bit on the CPU; checkpoints
+keep two generations and survive kills and full disks (utils/checkpoints.py); `ckpts/latest.pt` is
+written at every epoch end and every `--save_every_min` minutes inside an epoch; `--auto_resume`
+starts or resumes, whichever the run folder calls for (a requeued job's command); SIGINT/SIGTERM
+finish the current step, save and exit; a non-finite loss skips the step and several in a row stop
+the run without writing a bad checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -35,7 +39,15 @@ from datasets.birds import ensure_birds
 from datasets.synthetic import ensure_synthetic
 from networks import Attributes, losses, mode_for_iteration
 from renderer.mesh import save_obj
-from utils.checkpoints import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from utils.checkpoints import (
+    load_newest,
+    previous_generation,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
+from utils.cli import RunError
 from utils.data import EpochSampler, SeededItems, ignore_stop_signals
 from utils.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from utils.metrics import evaluate
@@ -48,7 +60,7 @@ from utils.model import (
     render_attributes,
     resolve_device,
 )
-from utils.options import derive, save_options
+from utils.options import check_same_options, derive, save_options
 from utils.template_update import bad_samples, step_template
 from utils.visualization import save_epoch_visuals
 
@@ -56,8 +68,8 @@ log = logging.getLogger("magic_mirror")
 LOG_EVERY = 10  # steps between reads of the loss statistics (progress bar, TensorBoard)
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(RunError):
+    """Training diverged: too many non-finite losses in a row, or non-finite weights at a save."""
 
 
 class Trainer:
@@ -71,7 +83,8 @@ class Trainer:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.run_dir = self.d.run_dir
-        self._prepare_run_dir()
+        self.latest_path = self.run_dir / "ckpts" / "latest.pt"
+        resuming = self._prepare_run_dir()
         seed_everything(opts.manualSeed + self.dist.rank)
 
         self.template = build_template(opts).to(self.device)
@@ -104,36 +117,47 @@ class Trainer:
         self.best_iou = -math.inf
         self.bad_streak = 0
         self.stop_requested = False
+        self._last_save = time.monotonic()
         self._last_batch = None
         self.writer = None
         if self.dist.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
-        if opts.resume:
-            self._load(self.run_dir / "ckpts" / "latest.pt")
+        if resuming:
+            self._load(self.latest_path)
 
     # ------------------------------------------------------------------ setup
 
-    def _prepare_run_dir(self) -> None:
-        exists = (self.run_dir / "opts.yaml").exists()
+    def _prepare_run_dir(self) -> bool:
+        """Check the run folder against the command, write opts.yaml on a first start; True to resume.
+
+        A folder with opts.yaml but no checkpoint (a run killed before its first one) starts again from
+        scratch when the options match; a folder with a checkpoint needs --resume or --auto_resume.
+        """
+        o, opts_path = self.opts, self.run_dir / "opts.yaml"
+        started = opts_path.exists()
+        has_checkpoint = self.latest_path.is_file() or previous_generation(self.latest_path).is_file()
         barrier(self.dist)  # every rank looks before rank 0 writes
-        if exists and not self.opts.resume:
+        if has_checkpoint and not (o.resume or o.auto_resume):
             raise FileExistsError(
-                f"run folder {self.run_dir} already holds a run: pass --resume to continue it, "
-                "or choose another --name"
-            )
-        if self.opts.resume and not (self.run_dir / "ckpts" / "latest.pt").is_file():
-            raise FileNotFoundError(f"--resume: {self.run_dir}/ckpts/latest.pt not found; start without --resume")
+                f"run folder {self.run_dir} already holds a run: pass --resume to continue it "
+                "(--auto_resume in a job script), or choose another --name")
+        if o.resume and not has_checkpoint:
+            raise FileNotFoundError(
+                f"--resume: {self.latest_path} not found; start without --resume (or use --auto_resume, "
+                "which starts a run that has no checkpoint yet)")
+        if started:
+            check_same_options(o, opts_path)
         if self.dist.is_main:
             (self.run_dir / "ckpts").mkdir(parents=True, exist_ok=True)
-            if not exists:
-                save_options(self.opts, self.run_dir / "opts.yaml")
-            handler = logging.FileHandler(self.run_dir / "log.txt")
-            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-            log.addHandler(handler)
-            log.setLevel(logging.INFO)
+            if not started:
+                save_options(o, opts_path)
+            elif not has_checkpoint:
+                log.info("%s holds no checkpoint yet (the last attempt stopped before its first one): starting "
+                         "it again", self.run_dir)
         barrier(self.dist)
+        return has_checkpoint
 
     def _optimizers(self):
         o = self.opts
@@ -433,6 +457,13 @@ class Trainer:
         log.warning("signal %d: finishing the current step, saving a checkpoint, then stopping", signum)
         self.stop_requested = True
 
+    def _timed_save_due(self) -> bool:
+        """True when --save_every_min minutes have passed since the last checkpoint, inside an epoch
+        (its last step is followed by the epoch-end checkpoint anyway)."""
+        minutes = self.opts.save_every_min
+        return (minutes > 0 and self.start_batch < self.train_sampler.num_batches
+                and time.monotonic() - self._last_save >= 60 * minutes)
+
     def _advance_warm_up(self) -> None:
         if self.epoch < self.opts.warm_epoch:
             self.warm_up = min(1.0, self.warm_up + 0.99 / self.warm_iterations)
@@ -456,9 +487,13 @@ class Trainer:
                     self.writer.add_scalar(f"train/{k}", v, self.global_step)
             if on_step is not None:
                 on_step(self)
-            if not self._on_all_ranks(not self.stop_requested):  # a signal on any rank stops all of them
+            # One collective for both: a signal on any rank stops all of them; a timed save is collective.
+            stop, save = self._on_any_rank(self.stop_requested, self._timed_save_due())
+            if stop:
                 self.stop_requested = True
                 return False
+            if save:
+                self._save("timed")
         if self.dist.is_main:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -553,6 +588,14 @@ class Trainer:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         return bool(flag.item())
 
+    def _on_any_rank(self, *conditions: bool) -> list[bool]:
+        """For each condition, True when it holds on at least one rank (one collective for all of them)."""
+        if not self.dist.enabled:
+            return list(conditions)
+        flags = torch.tensor([1.0 if c else 0.0 for c in conditions], device=self.device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return [bool(f) for f in flags.tolist()]
+
     def _state(self, resumable: bool = True) -> dict:
         """What a checkpoint holds. The best one is for evaluation only (load_run reads the encoders and
         the epoch), so it leaves out the critic, optimiser, scheduler and RNG states: a third of the size."""
@@ -591,6 +634,8 @@ class Trainer:
         # Resumable checkpoints gather every rank's RNG state (collective); the best one, saved by
         # rank 0 alone after its evaluation, is for evaluation only.
         state = self._state(resumable=reason != "best")
+        if reason != "best":
+            self._last_save = time.monotonic()
         if not self.dist.is_main:
             return
         bad = [n for n, p in self.encoder.state_dict().items() if p.is_floating_point() and not p.isfinite().all()]
@@ -602,12 +647,12 @@ class Trainer:
         # The learned template beside its checkpoint, readable by any mesh viewer.
         t = self.template
         save_obj(ckpts / f"{name}_template.obj", t.verts.cpu(), t.faces.cpu(), t.face_uvs.cpu())
-        if reason == "interrupted":
-            log.info("saved %s at epoch %d, batch %d: continue with --resume", ckpts / "latest.pt",
-                     self.epoch, self.start_batch)
+        if reason in ("interrupted", "timed"):
+            log.info("saved %s at epoch %d, batch %d%s", self.latest_path, self.epoch, self.start_batch,
+                     ": continue with --resume" if reason == "interrupted" else "")
 
     def _load(self, path: Path) -> None:
-        ckpt = load_checkpoint(path, map_location=self.device)
+        ckpt, path = load_newest(path, map_location=self.device)
         self.encoder.load_state_dict(ckpt["encoder"])
         self.critic.load_state_dict(ckpt["critic"])
         try:
@@ -626,9 +671,9 @@ class Trainer:
         self.epoch, self.start_batch, self.global_step = ckpt["epoch"], ckpt["next_batch"], ckpt["global_step"]
         self.warm_up, self.em_step, self.best_iou = ckpt["warm_up"], ckpt["em_step"], ckpt["best_iou"]
         if self.start_batch >= self.train_sampler.num_batches:
-            raise RuntimeError(f"{path} points past the end of its epoch; the dataset changed since it was written")
+            raise RunError(f"{path} points past the end of its epoch; the dataset changed since it was written")
         if len(ckpt["rng"]) != self.dist.world_size:
-            raise RuntimeError(f"{path} was written by {len(ckpt['rng'])} process(es); resume it with as many "
+            raise RunError(f"{path} was written by {len(ckpt['rng'])} process(es); resume it with as many "
                                f"(torchrun --nproc_per_node={len(ckpt['rng'])}), not {self.dist.world_size}")
         set_rng_state(ckpt["rng"][self.dist.rank])
         log.info("resumed from %s: epoch %d, batch %d", path, self.epoch, self.start_batch)
@@ -692,16 +737,41 @@ class _ImagesOnly(torch.nn.Module):
         return self.encoder(images, 0)
 
 
+@contextlib.contextmanager
+def run_log(run_dir: Path, enabled: bool) -> Iterator[None]:
+    """Copy the trainer's and the data loaders' log records (skipped files included) to run_dir/log.txt.
+
+    The file is opened at the first record, so a start refused before logging anything leaves no
+    log.txt behind; the handler is removed on exit, so runs in one process do not write to each other.
+    """
+    if not enabled:
+        yield
+        return
+    handler = logging.FileHandler(run_dir / "log.txt", delay=True)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    loggers = [log, logging.getLogger("datasets")]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+        handler.close()
+
+
 def train(opts: argparse.Namespace, on_step: Callable[[Trainer], None] | None = None) -> Trainer:
     """Run a whole training job (the entry point of the three training scripts)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     dist_info = init_distributed("cuda" if resolve_device(opts.device).type == "cuda" else "cpu")
     try:
         start = time.time()
-        trainer = Trainer(opts, dist_info)
-        trainer.fit(on_step)
-        if dist_info.is_main:
-            log.info("done in %.1f min: %s", (time.time() - start) / 60, trainer.run_dir)
+        with run_log(derive(opts).run_dir, dist_info.is_main):
+            trainer = Trainer(opts, dist_info)
+            trainer.fit(on_step)
+            if dist_info.is_main:
+                log.info("done in %.1f min: %s", (time.time() - start) / 60, trainer.run_dir)
         return trainer
     finally:
         shutdown(dist_info)
