@@ -1,5 +1,6 @@
 """End-to-end training on a tiny synthetic dataset: smoke runs, resume, interruption, NaN handling."""
 
+import errno
 import importlib.util
 import json
 import math
@@ -19,6 +20,7 @@ import train
 import train_ATR2
 import train_market
 from networks import losses
+from utils import checkpoints
 from utils.checkpoints import load_checkpoint
 from utils.cli import EXIT_EXPECTED, run_main
 from utils.model import build_template
@@ -379,6 +381,48 @@ def test_disk_full_at_a_save_keeps_the_last_checkpoint_exits_2_and_the_next_star
     assert not any(latest.parent.glob(".*tmp*"))
 
     monkeypatch.setattr(shutil, "disk_usage", real_usage)  # space freed
+    resumed = attempt([*args, "--resume"])
+    assert resumed.global_step == 6
+    assert_same_weights(resumed, straight)
+
+
+class FullDisk:
+    """A checkpoint file whose writes fail with ENOSPC, as on a disk that filled up during the save."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def test_enospc_while_writing_a_checkpoint_keeps_the_last_one_exits_2_and_the_next_start_resumes(
+        tmp_path, data_root, straight, monkeypatch, capsys):
+    args = tiny_args(tmp_path, data_root, "enospc", "--niter", "3")
+    latest = tmp_path / "enospc" / "ckpts" / "latest.pt"
+
+    def fills_during_the_second_save(path, mode):
+        file = open(path, mode)
+        return FullDisk(file) if latest.exists() else file
+
+    monkeypatch.setattr(checkpoints, "open", fills_during_the_second_save, raising=False)
+    assert run_main(train.main, args) == EXIT_EXPECTED
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("train.py: error: ") and "No space left on device" in error and "needs about" in error
+    assert "Traceback" not in error
+    assert load_checkpoint(latest)["global_step"] == 2  # epoch 0's checkpoint is kept
+    assert not any(latest.parent.glob(".*tmp*"))
+
+    monkeypatch.undo()  # space freed
     resumed = attempt([*args, "--resume"])
     assert resumed.global_step == 6
     assert_same_weights(resumed, straight)
