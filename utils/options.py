@@ -339,7 +339,7 @@ def derive(opts: argparse.Namespace) -> Derived:
 
 RUNTIME_OPTIONS = frozenset({
     "name", "log_root", "resume", "auto_resume", "debug", "device", "dataroot", "workers", "prefetch_factor",
-    "eval_every", "vis_every", "save_every_min", "max_bad_steps", "cudnn_benchmark", "niter",
+    "eval_every", "vis_every", "save_every_min", "max_bad_steps", "cudnn_benchmark", "channels_last", "niter",
 })
 """Options that may differ between the attempts of one run: where and how it runs, and `--niter` (a run
 may be extended; its schedulers keep the state they were checkpointed with)."""
