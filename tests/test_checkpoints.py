@@ -106,32 +106,33 @@ def test_no_readable_generation_is_a_clear_error(tmp_path):
         load_newest(path)
 
 
+class FullDisk:
+    """A file whose writes fail with ENOSPC once more than `limit` bytes were written (a full disk)."""
+
+    def __init__(self, file, limit: int = 1000):
+        self.file, self.written, self.limit = file, 0, limit
+
+    def write(self, data):
+        self.written += len(data)
+        if self.written > self.limit:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
 def test_enospc_while_writing_keeps_both_generations_and_says_what_was_needed(tmp_path, monkeypatch):
     path = tmp_path / "latest.pt"
     save_checkpoint(state(1), path)
     save_checkpoint(state(2), path)
     before = {p.name: digest(p) for p in tmp_path.iterdir()}
-
-    class FullDisk:
-        """A file whose writes fail with ENOSPC after 1000 bytes (what a full disk does)."""
-
-        def __init__(self, file):
-            self.file, self.written = file, 0
-
-        def write(self, data):
-            self.written += len(data)
-            if self.written > 1000:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return self.file.write(data)
-
-        def __getattr__(self, name):
-            return getattr(self.file, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.file.close()
 
     monkeypatch.setattr(checkpoints, "open", lambda p, mode: FullDisk(open(p, mode)), raising=False)
     need = 1000 * 4 + checkpoints.HEADROOM_BYTES

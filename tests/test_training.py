@@ -1,6 +1,5 @@
 """End-to-end training on a tiny synthetic dataset: smoke runs, resume, interruption, NaN handling."""
 
-import errno
 import importlib.util
 import json
 import math
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from test_checkpoints import FullDisk
 
 import train
 import train_ATR2
@@ -386,25 +386,6 @@ def test_disk_full_at_a_save_keeps_the_last_checkpoint_exits_2_and_the_next_star
     assert_same_weights(resumed, straight)
 
 
-class FullDisk:
-    """A checkpoint file whose writes fail with ENOSPC, as on a disk that filled up during the save."""
-
-    def __init__(self, file):
-        self.file = file
-
-    def write(self, data):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    def __getattr__(self, name):
-        return getattr(self.file, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.file.close()
-
-
 def test_enospc_while_writing_a_checkpoint_keeps_the_last_one_exits_2_and_the_next_start_resumes(
         tmp_path, data_root, straight, monkeypatch, capsys):
     args = tiny_args(tmp_path, data_root, "enospc", "--niter", "3")
@@ -412,7 +393,7 @@ def test_enospc_while_writing_a_checkpoint_keeps_the_last_one_exits_2_and_the_ne
 
     def fills_during_the_second_save(path, mode):
         file = open(path, mode)
-        return FullDisk(file) if latest.exists() else file
+        return FullDisk(file, limit=0) if latest.exists() else file
 
     monkeypatch.setattr(checkpoints, "open", fills_during_the_second_save, raising=False)
     assert run_main(train.main, args) == EXIT_EXPECTED
