@@ -152,6 +152,9 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     g.add_argument("--synthetic_train", type=int, default=2048,
                    help="generated datasets (synthetic, birds): training images")
     g.add_argument("--synthetic_test", type=int, default=256, help="generated datasets (synthetic, birds): test images")
+    g.add_argument("--data_seed", type=int, default=0,
+                   help="generated datasets (synthetic, birds): seed of the data, independent of --manualSeed so that "
+                   "runs of several seeds train and test on the same images")
     g.add_argument("--birds_spp", type=int, default=16,
                    help="birds dataset: path-tracing samples per pixel of its renders (fewer: faster, noisier)")
 

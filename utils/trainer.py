@@ -214,15 +214,9 @@ class Trainer:
 
     def _build_data(self) -> None:
         o, d = self.opts, self.d
-        if o.dataset == "synthetic":
+        if o.dataset in ("synthetic", "birds"):
             if self.dist.is_main:
                 ensure_dataset(o, self.device)
-            barrier(self.dist)
-        if o.dataset == "birds":
-            if self.dist.is_main:
-                ensure_birds(o.dataroot, num_train=o.synthetic_train, num_test=o.synthetic_test, image_size=o.imageSize,
-                             seed=o.manualSeed, elevation_range=d.elev_range, distance_range=d.dist_range,
-                             offset_range=o.bias_range, spp=o.birds_spp)
             barrier(self.dist)
         train = self._dataset("train", d.threshold, aug=True)
         self.train_sampler = EpochSampler(len(train), o.batchSize, o.manualSeed, shuffle=True,
@@ -680,15 +674,18 @@ class Trainer:
 
 
 def ensure_dataset(opts: argparse.Namespace, device: torch.device) -> None:
-    """Generate the synthetic dataset a run needs unless its cache is there (real datasets: nothing
-    to do; they are prepared by the prepare scripts)."""
-    if opts.dataset != "synthetic":
-        return
+    """Generate the synthetic or bird dataset a run needs unless its cache is there (real datasets:
+    nothing to do; they are prepared by the prepare scripts)."""
     d = derive(opts)
-    ensure_synthetic(opts.dataroot, num_train=opts.synthetic_train, num_test=opts.synthetic_test,
-                     image_size=opts.imageSize, ratio=opts.ratio, seed=opts.manualSeed, ellipsoid=opts.ellipsoid,
-                     elevation_range=d.elev_range, distance_range=d.dist_range, offset_range=opts.bias_range,
-                     device=device)
+    if opts.dataset == "synthetic":
+        ensure_synthetic(opts.dataroot, num_train=opts.synthetic_train, num_test=opts.synthetic_test,
+                         image_size=opts.imageSize, ratio=opts.ratio, seed=opts.data_seed, ellipsoid=opts.ellipsoid,
+                         elevation_range=d.elev_range, distance_range=d.dist_range, offset_range=opts.bias_range,
+                         device=device)
+    elif opts.dataset == "birds":
+        ensure_birds(opts.dataroot, num_train=opts.synthetic_train, num_test=opts.synthetic_test,
+                     image_size=opts.imageSize, seed=opts.data_seed, elevation_range=d.elev_range,
+                     distance_range=d.dist_range, offset_range=opts.bias_range, spp=opts.birds_spp)
 
 
 def _step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
