@@ -126,7 +126,8 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
                    "in bf16; renderer, losses and optimizer in float32): faster on GPUs, results differ by rounding "
                    "(README: training speed)")
     g.add_argument("--max_bad_steps", type=int, default=5,
-                   help="stop with an error after this many consecutive steps with a non-finite loss")
+                   help="stop with an error after this many consecutive steps skipped for a non-finite loss or "
+                   "gradient")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, default="cub", help="which dataset loader to use")
