@@ -6,6 +6,8 @@ H x W for the spatial size of the block's input.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -26,9 +28,17 @@ def normalize_4c(images: Tensor) -> Tensor:
     Returns:
         (B, 4, H, W): RGB standardised with the ImageNet mean/std, mask mapped to [-0.5, 0.5].
     """
-    mean = images.new_tensor(_MEAN_4C).view(1, 4, 1, 1)
-    std = images.new_tensor(_STD_4C).view(1, 4, 1, 1)
+    mean, std = _normalisation(images.dtype, images.device)
     return (images - mean) / std
+
+
+@functools.lru_cache(maxsize=8)
+def _normalisation(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    # Built once per dtype and device: a tensor made from Python numbers on a GPU is a blocking
+    # host-to-device copy on every call, and could not be captured in a CUDA graph.
+    mean = torch.tensor(_MEAN_4C, dtype=dtype, device=device).view(1, 4, 1, 1)
+    std = torch.tensor(_STD_4C, dtype=dtype, device=device).view(1, 4, 1, 1)
+    return mean, std
 
 
 def init_weights(module: nn.Module) -> None:

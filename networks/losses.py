@@ -167,7 +167,8 @@ def flip_loss(delta_verts: Tensor, flip_index: Tensor, sign_init: Tensor, l1: bo
     Returns:
         () mean over B·V (B·V·3 with ``l1``).
     """
-    mirrored = delta_verts[:, flip_index] * delta_verts.new_tensor([1.0, 1.0, -1.0])
+    partner = delta_verts[:, flip_index]
+    mirrored = torch.cat([partner[..., :2], -partner[..., 2:]], dim=-1)  # z negated, no constant to upload
     same_side = torch.relu(torch.sign(delta_verts[..., 2]) * sign_init.to(delta_verts.dtype))  # (B,V)
     weight = same_side[:, flip_index]
     diff = delta_verts - mirrored

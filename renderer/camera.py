@@ -14,6 +14,7 @@ Conventions (Kaolin v0.12 legacy camera, see spec/renderer-math.md §1):
 * Angles are in degrees, distances in world units.
 """
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -85,7 +86,7 @@ def look_at(eye: Tensor, at: Tensor, up: Sequence[float] = (0.0, 1.0, 0.0)) -> T
     """
     if eye.shape != at.shape or eye.ndim != 2 or eye.shape[-1] != 3:
         raise ValueError(f"eye and at must both be (B, 3), got {tuple(eye.shape)} and {tuple(at.shape)}")
-    up_dir = torch.as_tensor(up, dtype=eye.dtype, device=eye.device).expand_as(eye)
+    up_dir = _direction(tuple(up), eye.dtype, eye.device).expand_as(eye)
     z_axis = eye - at
     z_axis = z_axis / torch.linalg.vector_norm(z_axis, dim=-1, keepdim=True)
     x_axis = torch.linalg.cross(up_dir, z_axis, dim=-1)
@@ -94,6 +95,13 @@ def look_at(eye: Tensor, at: Tensor, up: Sequence[float] = (0.0, 1.0, 0.0)) -> T
     rotation = torch.stack([x_axis, y_axis, z_axis], dim=-1)  # (B, 3, 3), axes as columns
     translation = -eye.unsqueeze(1) @ rotation  # (B, 1, 3)
     return torch.cat([rotation, translation], dim=1)
+
+
+@functools.lru_cache(maxsize=16)
+def _direction(xyz: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    # One tensor per direction, dtype and device: made from Python numbers on every call, it would be a
+    # blocking host-to-device copy per render on a GPU (and could not be captured in a CUDA graph).
+    return torch.tensor(xyz, dtype=dtype, device=device)
 
 
 def camera_transform(

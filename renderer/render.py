@@ -5,6 +5,7 @@ camera-space unit face normals, DIB-R rasterization of [coverage, uv, normal], t
 shading, composition over a white or given background, clamp.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -80,7 +81,7 @@ def render(
             f"background must be (B, 3, H, W) = {(batch, 3, height, width)}, got {tuple(background.shape)}"
         )
 
-    proj = perspective_projection(FOVY_RAD, width / height, dtype=verts.dtype, device=verts.device)
+    proj = _projection(width / height, verts.dtype, verts.device)
     transform = camera_transform(azimuth_deg, elevation_deg, distance, offset)
     verts_cam = world_to_camera(verts, transform)  # (B, V, 3)
     face_verts_cam = gather_faces(verts_cam, faces)  # (B, F, 3, 3)
@@ -111,3 +112,10 @@ def render(
         face_normals=normals,
         face_idx=raster.face_idx,
     )
+
+
+@functools.lru_cache(maxsize=16)
+def _projection(aspect: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    # Built once per image shape, dtype and device: built per call from Python numbers, it would be a
+    # blocking host-to-device copy on every render on a GPU (and could not be captured in a CUDA graph).
+    return perspective_projection(FOVY_RAD, aspect, dtype=dtype, device=device)

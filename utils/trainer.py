@@ -24,7 +24,7 @@ import math
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -112,6 +112,9 @@ class Trainer:
         self._build_data()
         self.warm_iterations = max(1, self.train_sampler.num_batches * opts.warm_epoch)
         self.warm_up = 0.01 if opts.warm_epoch > 0 else 1.0
+        # The loss factor the step reads: a device tensor filled from warm_up before each step, so that
+        # a CUDA graph of the step reads the current value.
+        self._warm_up_factor = torch.zeros((), device=self.device)
         self.em_step = opts.em_step
         self.epoch, self.start_batch, self.global_step = 0, 0, 0
         self.best_iou = -math.inf
@@ -126,6 +129,14 @@ class Trainer:
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
         if resuming:
             self._load(self.latest_path)
+        # Built after any load: the graphs, captured in the first steps, point at the optimizer states.
+        self._graphs = None
+        if opts.cuda_graphs and self.device.type == "cuda":
+            if self.dist.enabled:
+                log.info("--cuda_graphs: off under torchrun (DistributedDataParallel's unused-parameter search "
+                         "runs on the host at every step); the step runs eagerly")
+            else:
+                self._graphs = _StepGraphs(self._device_step, [self.opt_d, self.opt_e], self.device)
 
     # ------------------------------------------------------------------ setup
 
@@ -307,18 +318,35 @@ class Trainer:
         return terms
 
     def _step(self, images: torch.Tensor, iteration: int) -> dict[str, torch.Tensor | float]:
-        """One critic update and one encoder update on a (B,4,H,W) batch.
+        """One critic update and one encoder update on a (B,4,H,W) batch, replayed from a CUDA graph
+        with --cuda_graphs.
 
         Returns the named loss terms as 0-dim tensors on the device (reading them is a host
-        synchronisation: `_read_stats` does it in one transfer when logging), or {} when a
-        non-finite loss or gradient skipped the step. The step's one synchronisation reads whether it was skipped.
+        synchronisation: `_read_stats` does it in one transfer when logging; a graph's next replay
+        overwrites them), or {} when a non-finite loss or gradient skipped the step. The step's one
+        synchronisation reads whether it was skipped.
         """
+        mode = mode_for_iteration(self.opts.update_shape, iteration)
+        self._warm_up_factor.fill_(self.warm_up)
+        if self._graphs is not None:
+            out = self._graphs.run(mode, images)
+        else:
+            out = self._device_step(images.to(self.device, non_blocking=True), mode)
+        critic_ok, step_ok = torch.stack([out.finite_d, out.finite]).tolist()  # the step's host synchronisation
+        if not step_ok:
+            return self._skip_step("critic", out.loss_d) if not critic_ok else self._skip_step("encoder", out.loss_e)
+        self.bad_streak = 0
+        self._last_batch = out.last_batch  # for the epoch's visuals
+        return {**out.stats, "warm_up": self.warm_up}
+
+    def _device_step(self, x: torch.Tensor, mode: int) -> _StepOutput:
+        """The step's work on the device: both updates, skipped there on a non-finite loss (see
+        `_step_unless`), with no host synchronisation and no tensor made from host data, so that it
+        can be captured in a CUDA graph. `x` is the (B,4,H,W) batch on the device."""
         o, dev = self.opts, self.device
-        x = images.to(dev, non_blocking=True)
         if o.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         batch = x.shape[0]
-        mode = mode_for_iteration(o.update_shape, iteration)
 
         ae = self._encode(x, mode)
         hard_azimuth = self._hard_azimuth(batch) if o.hard else None
@@ -355,7 +383,7 @@ class Trainer:
             "adv": o.lambda_gan * (critic_loss(s_real, s_90) + w * critic_loss(s_real, s_i)) / (1 + w),
             "gp": o.gan_reg * o.lambda_gan * gp,
         }
-        loss_d = self.warm_up * (d_terms["adv"] + d_terms["gp"])
+        loss_d = self._warm_up_factor * (d_terms["adv"] + d_terms["gp"])
         finite_d = self._finite_on_all_ranks(loss_d)
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward(inputs=list(self.critic.parameters()))
@@ -381,23 +409,18 @@ class Trainer:
         if o.lambda_ic > 0:
             e_terms["cycle"] = o.lambda_ic * losses.attribute_cycle_loss(
                 aire, ai.detach(), azim_weight=o.azim, l1=o.L1, chamfer=o.chamfer)
-        loss_e = self.warm_up * sum(e_terms.values())
+        loss_e = self._warm_up_factor * sum(e_terms.values())
         # A skipped critic update skips the encoders' update too, as if the step had stopped there.
         finite = finite_d & self._finite_on_all_ranks(loss_e)
         self.opt_e.zero_grad(set_to_none=True)
         loss_e.backward(inputs=[p for p in self.encoder.parameters() if p.requires_grad])
         finite = _step_unless(self.opt_e, ~finite)
 
-        critic_ok, step_ok = torch.stack([finite_d, finite]).tolist()  # the step's host synchronisation
-        if not step_ok:
-            return self._skip_step("critic", loss_d) if not critic_ok else self._skip_step("encoder", loss_e)
-        self.bad_streak = 0
         stats = {f"D/{k}": v.detach() for k, v in d_terms.items()}
         stats.update({f"E/{k}": v.detach() for k, v in e_terms.items()})
-        stats.update({"D/total": loss_d.detach(), "E/total": loss_e.detach(), "warm_up": self.warm_up,
-                      "mask_iou": 1 - mask_loss.detach()})
-        self._last_batch = (x, x_er.detach(), x_ir.detach(), ae.detach())  # for the epoch's visuals
-        return stats
+        stats.update({"D/total": loss_d.detach(), "E/total": loss_e.detach(), "mask_iou": 1 - mask_loss.detach()})
+        return _StepOutput(finite_d=finite_d, finite=finite, loss_d=loss_d.detach(), loss_e=loss_e.detach(),
+                           stats=stats, last_batch=(x, x_er.detach(), x_ir.detach(), ae.detach()))
 
     def _finite_on_all_ranks(self, loss: torch.Tensor) -> torch.Tensor:
         """0-dim bool on the device: `loss` is finite on every rank (so that all ranks skip together);
@@ -686,6 +709,87 @@ def ensure_dataset(opts: argparse.Namespace, device: torch.device) -> None:
         ensure_birds(opts.dataroot, num_train=opts.synthetic_train, num_test=opts.synthetic_test,
                      image_size=opts.imageSize, seed=opts.data_seed, elevation_range=d.elev_range,
                      distance_range=d.dist_range, offset_range=opts.bias_range, spp=opts.birds_spp)
+
+
+@dataclass(frozen=True)
+class _StepOutput:
+    """What one step leaves on the device (0-dim tensors unless said otherwise)."""
+
+    finite_d: torch.Tensor  # bool: the critic's loss and gradients were finite (every rank): it was updated
+    finite: torch.Tensor  # bool: both losses and all gradients were finite: the encoders were updated too
+    loss_d: torch.Tensor
+    loss_e: torch.Tensor
+    stats: dict[str, torch.Tensor]  # the named loss terms
+    last_batch: tuple  # (images, re-rendered, novel-view renders, attributes) for the epoch's visuals
+
+
+class _StepGraphs:
+    """The training step as CUDA graphs, one per encoder freeze mode (the only thing that changes the
+    step's work from one iteration to the next: training batches are always full, see EpochSampler).
+
+    Replaying a graph issues the step's ~9,000 kernels with one launch, instead of the host issuing them
+    one by one. A mode's first `WARM_UP_STEPS` steps run eagerly on a side stream (Triton compilation,
+    cuDNN's algorithm search and the optimizers' lazy state happen there, never inside a capture), the
+    next one is captured and then replayed, and so is every later step of that mode. All of them are
+    real training steps: a graph replays the same kernels on the same random stream as the eager step.
+
+    A graph holds the addresses of everything it reads, so what changes during a run changes in place:
+    the batch is copied into a static input, the warm-up factor is a device tensor (Trainer), the
+    learning rates are device tensors the optimizers read during these steps and that are refreshed from
+    the schedulers' values before each one, the template update copies into the encoder's buffer and
+    the BatchNorm re-estimation refills the running statistics. The optimizers keep float learning rates
+    and non-capturable groups outside these steps, so checkpoints are those of the eager step. A graph's
+    outputs are static tensors, overwritten by its next replay.
+    """
+
+    WARM_UP_STEPS = 3  # eager steps per mode before its capture, as in PyTorch's whole-network example
+
+    def __init__(self, step: Callable[[torch.Tensor, int], _StepOutput], optimizers: list[torch.optim.Optimizer],
+                 device: torch.device):
+        self.step, self.optimizers, self.device = step, optimizers, device
+        self.stream = torch.cuda.Stream(device)
+        self.groups = [g for opt in optimizers for g in opt.param_groups]
+        self.lrs = [torch.full((), g["lr"], device=device) for g in self.groups]
+        self.warm_steps: dict[int, int] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, _StepOutput]] = {}
+
+    def run(self, mode: int, images: torch.Tensor) -> _StepOutput:
+        """Train one step of `mode` on the (B,4,H,W) host batch `images`; no host synchronisation."""
+        for lr, group in zip(self.lrs, self.groups, strict=True):
+            lr.fill_(group["lr"])
+        if mode in self.graphs:
+            graph, static_images, out = self.graphs[mode]
+            static_images.copy_(images, non_blocking=True)
+            graph.replay()
+            return out
+        static_images = images.to(self.device, non_blocking=True)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with self._device_learning_rates():
+            if self.warm_steps.get(mode, 0) < self.WARM_UP_STEPS:
+                self.warm_steps[mode] = self.warm_steps.get(mode, 0) + 1
+                with torch.cuda.stream(self.stream):
+                    out = self.step(static_images, mode)
+            else:
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: the data loader's pin-memory thread keeps using CUDA during the capture.
+                with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                    out = self.step(static_images, mode)
+                self.graphs[mode] = (graph, static_images, out)
+                graph.replay()  # the capture only recorded the step
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        return out
+
+    @contextlib.contextmanager
+    def _device_learning_rates(self) -> Iterator[None]:
+        """Let fused Adam read the learning rates from the device tensors (which needs capturable groups)."""
+        saved = [(g["lr"], g["capturable"]) for g in self.groups]
+        for group, lr in zip(self.groups, self.lrs, strict=True):
+            group["lr"], group["capturable"] = lr, True
+        try:
+            yield
+        finally:
+            for group, (lr, capturable) in zip(self.groups, saved, strict=True):
+                group["lr"], group["capturable"] = lr, capturable
 
 
 def _step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,108 @@
+"""--cuda_graphs: the training step captured as CUDA graphs learns what the eager step learns (GPU only).
+
+Tiny runs of the README's step (the three-mode encoder alternation, --hard, --bg, WGAN-GP) long enough
+that every mode is warmed up, captured and replayed; what a run changes between steps (learning rate,
+warm-up factor, template) must reach the replayed graphs, and their checkpoints resume either way.
+"""
+
+import shutil
+
+import pytest
+import torch
+
+from utils.model import build_template
+from utils.options import parse_options
+from utils.trainer import Trainer
+from utils.trainer import train as run_training
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+# 72 images at batch 4: 18 steps an epoch, 6 of each encoder mode (3 eager warm-up steps, the capture, replays).
+FLAGS = ["--dataset", "synthetic", "--imageSize", "64", "--batchSize", "4", "--synthetic_train", "72",
+         "--synthetic_test", "4", "--workers", "0", "--device", "cuda", "--eval_every", "100", "--vis_every", "100",
+         "--hard", "--bg", "--unmask", "2", "--update_shape", "-1", "--L1", "--ganw", "0", "--lambda_depthC", "0.1",
+         "--em", "7", "--em_gap", "1", "--update_bn", "--scheduler", "restart1", "--warm_epoch", "1",
+         "--no-cudnn_benchmark"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("synthetic"))
+
+
+def options(tmp_path, data_root, name, *extra):
+    return parse_options([*FLAGS, "--dataroot", data_root, "--log_root", str(tmp_path), "--name", name, *extra], {})
+
+
+def _steps(tmp_path, data_root, flag, count):
+    trainer = Trainer(options(tmp_path, data_root, flag.strip("-"), flag))
+    trainer.train_sampler.set_epoch(0, 0)
+    batches = [b["images"] for b in trainer.train_loader]
+    stats = []
+    for i in range(count):
+        trainer._advance_warm_up()
+        stats.append({k: float(v) for k, v in trainer._step(batches[i], i).items()})
+    return trainer, stats
+
+
+def _deviation(a, b):
+    """Largest relative difference between two runs' per-step values of the steadier loss terms."""
+    return max(abs(x[k] - y[k]) / max(abs(x[k]), 1e-12) for x, y in zip(a, b, strict=True)
+               for k in ("D/total", "E/total", "E/data", "mask_iou"))
+
+
+def test_graphed_steps_track_the_eager_steps(tmp_path, data_root):
+    eager, eager_stats = _steps(tmp_path, data_root, "--no-cuda_graphs", 18)
+    eager_rng = torch.cuda.get_rng_state()
+    _, again_stats = _steps(tmp_path, data_root, "--no-cuda_graphs", 18)
+    graphed, graphed_stats = _steps(tmp_path, data_root, "--cuda_graphs", 18)
+    assert eager._graphs is None and sorted(graphed._graphs.graphs) == [3, 4, 5]  # captured at steps 9-11
+    # Replays draw the eager step's random numbers: the generator ends where the eager run's did.
+    assert torch.equal(torch.cuda.get_rng_state(), eager_rng)
+    # The first step's losses come before any update: the same kernels on the same numbers.
+    for k, value in eager_stats[0].items():
+        assert graphed_stats[0][k] == pytest.approx(value, rel=1e-6), k
+    # After it, eager GPU training is not bitwise repeatable (grid_sample's backward adds with atomics)
+    # and fused Adam reads a float32 learning rate in the graphs: the graphed run must stay as close to
+    # an eager run as a second eager run does. A graph reading a stale batch, warm-up factor or learning
+    # rate would be off by far more.
+    assert _deviation(eager_stats, graphed_stats) <= 3 * _deviation(eager_stats, again_stats) + 1e-3
+    assert [s["warm_up"] for s in graphed_stats] == [s["warm_up"] for s in eager_stats]
+
+
+def test_graphs_read_the_current_learning_rate_warm_up_and_template(tmp_path, data_root):
+    trainer, _ = _steps(tmp_path, data_root, "--cuda_graphs", 12)
+    graphs = dict(trainer._graphs.graphs)
+    batches = [b["images"] for b in trainer.train_loader]
+    params = [p for m in (trainer.encoder, trainer.critic) for p in m.parameters()]
+
+    for opt in (trainer.opt_e, trainer.opt_d):  # as a scheduler sets it
+        for group in opt.param_groups:
+            group["lr"] = 0.0
+    before = [p.detach().clone() for p in params]
+    assert trainer._step(batches[0], 12)
+    assert all(torch.equal(p, q) for p, q in zip(params, before, strict=True))
+
+    trainer.warm_up = 0.0
+    stats = trainer._step(batches[1], 13)
+    assert float(stats["D/total"]) == 0.0 and float(stats["E/total"]) == 0.0
+
+    template = trainer.template.verts * 1.1  # as the EM update sets it
+    trainer._set_template(template)
+    trainer._step(batches[2], 14)
+    attrs = trainer._last_batch[3]
+    torch.testing.assert_close(attrs.verts - attrs.delta_verts, template.expand_as(attrs.verts), rtol=0, atol=1e-5)
+    assert trainer._graphs.graphs == graphs  # replayed, not captured again
+
+
+def test_a_graphed_runs_checkpoint_resumes_with_and_without_graphs(tmp_path, data_root):
+    run_training(options(tmp_path, data_root, "graphed", "--niter", "1", "--cuda_graphs"))
+    shutil.copytree(tmp_path / "graphed", tmp_path / "plain")
+    resumed = run_training(options(tmp_path, data_root, "graphed", "--niter", "2", "--cuda_graphs", "--resume"))
+    plain = run_training(options(tmp_path, data_root, "plain", "--niter", "2", "--no-cuda_graphs", "--resume"))
+    for trainer in (resumed, plain):
+        assert trainer.global_step == 36
+        group = trainer.opt_e.param_groups[0]  # the checkpoint holds the eager step's optimizer groups
+        assert isinstance(group["lr"], float) and not group["capturable"]
+        assert all(p.isfinite().all() for p in trainer.encoder.parameters())
+    assert not torch.equal(plain.template.verts.cpu(), build_template(plain.opts).verts)  # the EM update ran
