@@ -3,8 +3,8 @@
 Each run is the real training loop (`utils/trainer.py`) with a training script's defaults, the
 common flags given after ``--`` and its variant's flags; it is evaluated on the test split (mask
 IoU, SSIM and, on synthetic data, the 3-D metrics) after each of ``--steps`` optimisation steps and
-stops after the last. Variants x seeds run as parallel processes (they share one GPU), each seed with
-its own synthetic dataset generated from that seed, so variants are compared on the same data.
+stops after the last. Variants x seeds run as parallel processes (they share one GPU); a generated
+dataset (synthetic, birds) is made once beforehand from ``--data_seed``, so every run sees the same data.
 Prints a table (mean over seeds, then each seed) and writes every evaluation as a JSON line to
 ``<log_root>/curves.jsonl``. Not a test.
 
@@ -145,14 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.log_root or tempfile.mkdtemp(prefix="learning_curve_"))
     root.mkdir(parents=True, exist_ok=True)
     variants = args.variant or [("default", [])]
+    # A generated dataset is made here, once, so that the parallel runs do not race to write it.
+    first = parse_options([*train_argv, *variants[0][1]], script_defaults(args.script))
+    ensure_dataset(first, resolve_device(first.device))
     jobs = []
     for seed in args.seeds:
         common = [*train_argv, "--manualSeed", str(seed), "--log_root", str(root)]
-        # One dataset per seed, generated here once so that parallel runs do not race to write it.
-        first = parse_options([*common, *variants[0][1]], script_defaults(args.script))
-        if first.dataset == "synthetic":
-            common += ["--dataroot", str(Path(first.dataroot) / f"seed{seed}")]
-            ensure_dataset(parse_options(common, script_defaults(args.script)), resolve_device(first.device))
         for name, flags in variants:
             run_argv = [*common, *flags, "--name", f"{name}_s{seed}"]
             parse_options(run_argv, script_defaults(args.script))  # a bad flag fails before anything starts

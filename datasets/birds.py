@@ -493,10 +493,9 @@ class BirdsConfig:
             raise ValueError(f"num_classes and spp must be >= 1, got {self.num_classes}, {self.spp}")
 
     def manifest(self) -> dict:
-        """JSON-ready parameters, tagged with the cache format version and the renderer's version."""
-        import mitsuba
-
-        return {"format_version": FORMAT_VERSION, "mitsuba": mitsuba.__version__, **asdict(self)}
+        """JSON-ready parameters, tagged with the cache format version. The cache's manifest also
+        records the Mitsuba version that rendered it, which is not compared (see `ensure_birds`)."""
+        return json.loads(json.dumps({"format_version": FORMAT_VERSION, **asdict(self)}))
 
 
 def random_cameras(verts: np.ndarray, config: BirdsConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -740,8 +739,9 @@ def ensure_birds(
         root: cache folder (default in the scripts: ``data/birds``).
         num_train, num_test: images per split.
         image_size: width = height of the images in pixels.
-        seed: the dataset is a deterministic function of the parameters (and the Mitsuba version, which
-            the manifest records).
+        seed: the dataset is a deterministic function of the parameters and the Mitsuba version. The
+            manifest records that version, but a cache made by another version (or copied to a machine
+            without Mitsuba, such as a GPU node) is reused as it is: only the parameters must match.
         num_classes: species (class folders / labels).
         elevation_range, distance_range: camera ranges (degrees, world units), min <= max.
         offset_range: look-at offsets stay in [-offset_range, offset_range]^2.
@@ -754,9 +754,12 @@ def ensure_birds(
     root = Path(root)
     config = BirdsConfig(num_train, num_test, image_size, seed, num_classes, tuple(map(float, elevation_range)),
                          tuple(map(float, distance_range)), float(offset_range), spp=spp)
-    wanted = json.loads(json.dumps(config.manifest()))
-    if read_manifest(root) == wanted:
+    wanted = config.manifest()
+    found = read_manifest(root)
+    if found is not None and {k: v for k, v in found.items() if k != "mitsuba"} == wanted:
         return root
+    import mitsuba
+
     (root / MANIFEST).unlink(missing_ok=True)
     for split in SPLITS:
         shutil.rmtree(root / split, ignore_errors=True)
@@ -767,7 +770,7 @@ def ensure_birds(
     for split in SPLITS:
         generate_split(root, split, config, species)
     tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(wanted, indent=1))
+    tmp.write_text(json.dumps({**wanted, "mitsuba": mitsuba.__version__}, indent=1))
     tmp.replace(root / MANIFEST)
     logger.info("birds: generated %d + %d images of %dx%d in %s in %.1f s", num_train, num_test, image_size,
                 image_size, root, time.perf_counter() - start)

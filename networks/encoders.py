@@ -271,13 +271,15 @@ class CameraEncoder(nn.Module):
             pooled.append(self.local_pool(local))                            # (B,C,2,2)
         x = torch.cat(pooled, dim=1).flatten(1)                              # (B,8C) or (B,4C)
 
-        dist_elev = torch.sigmoid(self.dist_elev_head(x))
+        # The output mappings run in float32 under bf16 autocast too: in bf16, x / r in the azimuth's
+        # acos rounds to 1 and its gradient becomes infinite.
+        dist_elev = torch.sigmoid(self.dist_elev_head(x).float())
         (d_min, d_max), (e_min, e_max) = self.dist_range, self.elev_range
         distance = d_min + dist_elev[:, 0] * (d_max - d_min)
         elevation = e_min + dist_elev[:, 1] * (e_max - e_min)
-        azimuth_xy = self.azimuth_head(x)
+        azimuth_xy = self.azimuth_head(x).float()
         azimuth = azimuth_from_xy(azimuth_xy[:, 0], azimuth_xy[:, 1], self.azi_scope)
-        offset = torch.tanh(self.offset_head(x))
+        offset = torch.tanh(self.offset_head(x).float())
         return azimuth, elevation, distance, offset
 
 

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -129,6 +130,13 @@ def test_cache_is_reused_or_replaced(tmp_path, monkeypatch):
         m.setattr(birds, "generate_split", must_not_run)
         ensure_birds(root, **{**TINY, "num_train": 2})
     assert snapshot(root) == before
+    # Made by another Mitsuba version, or read where Mitsuba is not installed (a GPU node): reused.
+    manifest = json.loads((root / MANIFEST).read_text())
+    (root / MANIFEST).write_text(json.dumps({**manifest, "mitsuba": "0.0.1"}))
+    with monkeypatch.context() as m:
+        m.setattr(birds, "generate_split", must_not_run)
+        m.setitem(sys.modules, "mitsuba", None)  # importing it fails
+        ensure_birds(root, **{**TINY, "num_train": 2})
     ensure_birds(root, **{**TINY, "num_train": 1, "spp": 2})
     assert len(list((root / "train").rglob("*.jpg"))) == 1
     assert json.loads((root / MANIFEST).read_text())["spp"] == 2

@@ -79,6 +79,25 @@ def test_cache_is_reused_or_replaced(tmp_path, monkeypatch):
     assert (root / MANIFEST).is_file()
 
 
+def test_runs_of_other_training_seeds_share_the_data_of_one_data_seed(tmp_path, monkeypatch):
+    from utils.options import parse_options
+    from utils.trainer import ensure_dataset
+
+    def opts(*flags):
+        return parse_options(["--dataset", "synthetic", "--dataroot", str(tmp_path / "data"), "--imageSize", "64",
+                              "--synthetic_train", "4", "--synthetic_test", "2", *flags], {})
+
+    ensure_dataset(opts("--manualSeed", "0"), torch.device("cpu"))
+    before = snapshot(tmp_path / "data")
+    with monkeypatch.context() as m:  # another training seed: the same cache, not regenerated
+        m.setattr(synthetic, "generate_split", lambda *a, **k: pytest.fail("regenerated for --manualSeed 1"))
+        ensure_dataset(opts("--manualSeed", "1"), torch.device("cpu"))
+    assert snapshot(tmp_path / "data") == before
+    ensure_dataset(opts("--data_seed", "1"), torch.device("cpu"))
+    assert json.loads((tmp_path / "data" / MANIFEST).read_text())["seed"] == 1
+    assert snapshot(tmp_path / "data")["test/gt.npz"] != before["test/gt.npz"]
+
+
 def test_items_carry_consistent_ground_truth(tiny_root):
     ds = SyntheticDataset(tiny_root, "test", image_size=32, ratio=1.0)
     template = Template.icosphere()

@@ -253,6 +253,19 @@ def test_amp_runs_the_networks_in_bf16_and_stays_near_the_float32_losses(tmp_pat
     assert all(math.isfinite(v) for v in steps[1].values())
 
 
+def test_amp_keeps_the_weights_finite_over_several_steps(tmp_path, data_root):
+    # In bf16 the camera head's azimuth (acos of x / r) had infinite gradients under a finite loss:
+    # the weights turned NaN at the sixth step of this run before its output mappings ran in float32.
+    flags = ["--hard", "--bg", "--unmask", "2", "--update_shape", "-1", "--L1", "--ganw", "0",
+             "--lambda_contour", "0.1", "--lambda_depthC", "0.1", "--warm_epoch", "0", "--amp"]
+    trainer = Trainer(parse_options(tiny_args(tmp_path, data_root, "amp8", *flags), {}))
+    for epoch in range(4):
+        trainer.train_sampler.set_epoch(epoch, 0)
+        for i, batch in enumerate(trainer.train_loader):
+            assert trainer._step(batch["images"], 2 * epoch + i), f"step {2 * epoch + i} was skipped"
+    assert all(p.isfinite().all() for p in trainer.encoder.parameters())
+
+
 def test_a_checkpoint_resumes_with_the_other_memory_layout(tmp_path, data_root):
     first = run_training(parse_options(tiny_args(tmp_path, data_root, "layout", "--niter", "1", "--channels_last"), {}))
     first_conv = next(m for m in first.encoder.modules() if isinstance(m, torch.nn.Conv2d))

@@ -289,12 +289,14 @@ def test_a_skipped_optimizer_step_changes_nothing_and_an_unskipped_one_is_a_plai
         for p, q, g in zip(params, plain, grads, strict=True):
             p.grad, q.grad = g.clone(), g.clone()
         reference.step()
-        _step_unless(fused, torch.tensor(False))
+        assert _step_unless(fused, torch.tensor(False))
         before = [p.detach().clone() for p in params]
         state = {k: v.clone() for k, v in fused.state[params[0]].items()}
         for p in params:
             p.grad = torch.full_like(p, float("nan"))
-        _step_unless(fused, torch.tensor(True))
+        assert not _step_unless(fused, torch.tensor(True))
+        params[0].grad = torch.zeros_like(params[0])  # a finite loss with one non-finite gradient: skipped too
+        assert not _step_unless(fused, torch.tensor(False))
         assert all(torch.equal(a, b) for a, b in zip(before, params, strict=True))
         assert all(torch.equal(state[k], v) for k, v in fused.state[params[0]].items())
         assert float(fused.state[params[0]]["step"]) == step + 1

@@ -126,7 +126,8 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
                    "in bf16; renderer, losses and optimizer in float32): faster on GPUs, results differ by rounding "
                    "(README: training speed)")
     g.add_argument("--max_bad_steps", type=int, default=5,
-                   help="stop with an error after this many consecutive steps with a non-finite loss")
+                   help="stop with an error after this many consecutive steps skipped for a non-finite loss or "
+                   "gradient")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, default="cub", help="which dataset loader to use")
@@ -156,6 +157,9 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     g.add_argument("--synthetic_train", type=int, default=2048,
                    help="generated datasets (synthetic, birds): training images")
     g.add_argument("--synthetic_test", type=int, default=256, help="generated datasets (synthetic, birds): test images")
+    g.add_argument("--data_seed", type=int, default=0,
+                   help="generated datasets (synthetic, birds): seed of the data, independent of --manualSeed so that "
+                   "runs of several seeds train and test on the same images")
     g.add_argument("--birds_spp", type=int, default=16,
                    help="birds dataset: path-tracing samples per pixel of its renders (fewer: faster, noisier)")
 

@@ -10,7 +10,7 @@ warm-up, data position and RNG states, so `--resume` continues bit-for-bit on th
 keep two generations and survive kills and full disks (utils/checkpoints.py); `ckpts/latest.pt` is
 written at every epoch end and every `--save_every_min` minutes inside an epoch; `--auto_resume`
 starts or resumes, whichever the run folder calls for (a requeued job's command); SIGINT/SIGTERM
-finish the current step, save and exit; a non-finite loss skips the step and several in a row stop
+finish the current step, save and exit; a non-finite loss or gradient skips the step and several in a row stop
 the run without writing a bad checkpoint.
 """
 
@@ -216,15 +216,9 @@ class Trainer:
 
     def _build_data(self) -> None:
         o, d = self.opts, self.d
-        if o.dataset == "synthetic":
+        if o.dataset in ("synthetic", "birds"):
             if self.dist.is_main:
                 ensure_dataset(o, self.device)
-            barrier(self.dist)
-        if o.dataset == "birds":
-            if self.dist.is_main:
-                ensure_birds(o.dataroot, num_train=o.synthetic_train, num_test=o.synthetic_test, image_size=o.imageSize,
-                             seed=o.manualSeed, elevation_range=d.elev_range, distance_range=d.dist_range,
-                             offset_range=o.bias_range, spp=o.birds_spp)
             barrier(self.dist)
         train = self._dataset("train", d.threshold, aug=True)
         self.train_sampler = EpochSampler(len(train), o.batchSize, o.manualSeed, shuffle=True,
@@ -319,7 +313,7 @@ class Trainer:
 
         Returns the named loss terms as 0-dim tensors on the device (reading them is a host
         synchronisation: `_read_stats` does it in one transfer when logging), or {} when a
-        non-finite loss skipped the step. The step's one synchronisation reads whether it was skipped.
+        non-finite loss or gradient skipped the step. The step's one synchronisation reads whether it was skipped.
         """
         o, dev = self.opts, self.device
         x = images.to(dev, non_blocking=True)
@@ -367,7 +361,7 @@ class Trainer:
         finite_d = self._finite_on_all_ranks(loss_d)
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward(inputs=list(self.critic.parameters()))
-        _step_unless(self.opt_d, ~finite_d)
+        finite_d = _step_unless(self.opt_d, ~finite_d)
 
         # ---- encoders (the critic is only read here: its own gradients are not wanted)
         g_90, g_i = _split_scores(self._score(self.critic, torch.cat([fake90, fake_i])), batch)
@@ -390,11 +384,11 @@ class Trainer:
             e_terms["cycle"] = o.lambda_ic * losses.attribute_cycle_loss(
                 aire, ai.detach(), azim_weight=o.azim, l1=o.L1, chamfer=o.chamfer)
         loss_e = self.warm_up * sum(e_terms.values())
-        # A non-finite critic loss skips the encoders' update too, as if the step had stopped there.
+        # A skipped critic update skips the encoders' update too, as if the step had stopped there.
         finite = finite_d & self._finite_on_all_ranks(loss_e)
         self.opt_e.zero_grad(set_to_none=True)
         loss_e.backward(inputs=[p for p in self.encoder.parameters() if p.requires_grad])
-        _step_unless(self.opt_e, ~finite)
+        finite = _step_unless(self.opt_e, ~finite)
 
         critic_ok, step_ok = torch.stack([finite_d, finite]).tolist()  # the step's host synchronisation
         if not step_ok:
@@ -419,13 +413,13 @@ class Trainer:
 
     def _skip_step(self, which: str, loss: torch.Tensor) -> dict[str, float]:
         self.bad_streak += 1
-        log.warning("non-finite %s loss (%s) at epoch %d step %d: step skipped (%d in a row)",
+        log.warning("non-finite %s loss or gradients (loss %s) at epoch %d step %d: step skipped (%d in a row)",
                     which, loss.item(), self.epoch, self.global_step, self.bad_streak)
         self.opt_d.zero_grad(set_to_none=True)
         self.opt_e.zero_grad(set_to_none=True)
         if self.bad_streak >= self.opts.max_bad_steps:
             raise NonFiniteLossError(
-                f"{self.bad_streak} consecutive non-finite losses: stopping. The last good checkpoint is "
+                f"{self.bad_streak} consecutive non-finite losses or gradients: stopping. The last good checkpoint is "
                 f"{self.run_dir / 'ckpts' / 'latest.pt'}; lower --lr or check the data."
             )
         return {}
@@ -682,26 +676,34 @@ class Trainer:
 
 
 def ensure_dataset(opts: argparse.Namespace, device: torch.device) -> None:
-    """Generate the synthetic dataset a run needs unless its cache is there (real datasets: nothing
-    to do; they are prepared by the prepare scripts)."""
-    if opts.dataset != "synthetic":
-        return
+    """Generate the synthetic or bird dataset a run needs unless its cache is there (real datasets:
+    nothing to do; they are prepared by the prepare scripts)."""
     d = derive(opts)
-    ensure_synthetic(opts.dataroot, num_train=opts.synthetic_train, num_test=opts.synthetic_test,
-                     image_size=opts.imageSize, ratio=opts.ratio, seed=opts.manualSeed, ellipsoid=opts.ellipsoid,
-                     elevation_range=d.elev_range, distance_range=d.dist_range, offset_range=opts.bias_range,
-                     device=device)
+    if opts.dataset == "synthetic":
+        ensure_synthetic(opts.dataroot, num_train=opts.synthetic_train, num_test=opts.synthetic_test,
+                         image_size=opts.imageSize, ratio=opts.ratio, seed=opts.data_seed, ellipsoid=opts.ellipsoid,
+                         elevation_range=d.elev_range, distance_range=d.dist_range, offset_range=opts.bias_range,
+                         device=device)
+    elif opts.dataset == "birds":
+        ensure_birds(opts.dataroot, num_train=opts.synthetic_train, num_test=opts.synthetic_test,
+                     image_size=opts.imageSize, seed=opts.data_seed, elevation_range=d.elev_range,
+                     distance_range=d.dist_range, offset_range=opts.bias_range, spp=opts.birds_spp)
 
 
-def _step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+def _step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> torch.Tensor:
     """`optimizer.step()`, or no change at all (parameters, moments and step count) where the 0-dim
-    bool `skip` is True, decided on the device. The fused Adam kernels read the flag as
-    torch.amp.GradScaler hands it to them (`found_inf`); the tests check that a skip changes nothing."""
+    bool `skip` is True or a gradient is not finite (a finite loss can have them), decided on the
+    device. The fused Adam kernels read the flag as torch.amp.GradScaler hands it to them
+    (`found_inf`); the tests check that a skip changes nothing. Returns the 0-dim bool "stepped"."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if grads:  # one norm per gradient, in a few fused kernels; a non-finite entry makes its norm so
+        skip = skip | ~torch.stack(torch._foreach_norm(grads)).isfinite().all()
     optimizer.grad_scale, optimizer.found_inf = None, skip.float()
     try:
         optimizer.step()
     finally:
         del optimizer.grad_scale, optimizer.found_inf
+    return ~skip
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
