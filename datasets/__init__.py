@@ -29,7 +29,7 @@ DEFAULT_ROOTS = {
 }
 """Where the prepare scripts (and `ensure_synthetic` / `ensure_birds`) put each dataset."""
 
-CROP_DATASETS = ("cub", "atr", "synthetic")
+CROP_DATASETS = ("cub", "atr", "synthetic", "birds")
 """Datasets augmented by flip + pad + random crop (`datasets.common.flip_pad_crop`); Market shifts instead."""
 
 
@@ -45,6 +45,7 @@ def build_dataset(
     *,
     original_crop: bool = False,
     filter_test: bool = False,
+    train_repeats: int | None = None,
 ) -> MaskedImageDataset:
     """The dataset ``name`` (``cub``, ``market``, ``atr``, ``synthetic``, ``birds``) for one split.
 
@@ -58,8 +59,10 @@ def build_dataset(
             split (and to the ATR test split with ``filter_test``); None keeps everything.
         aug: training augmentation.
         bg: keep the real background in the RGB channels (True) or whiten it (False).
-        original_crop: CUB / ATR / synthetic: reproduce the original's random-crop edge draws.
+        original_crop: CUB / ATR / synthetic / birds: reproduce the original's random-crop edge draws.
         filter_test: ATR: filter the test split by ``threshold`` too, as the original ATR2 did.
+        train_repeats: visits of each train image per pass; None: the dataset's own (CUB and birds 2,
+            the others 1).
     Raises:
         ValueError for an unknown name or split, an empty split or a bad threshold;
         FileNotFoundError for a missing folder or ATR split list.
@@ -69,6 +72,8 @@ def build_dataset(
     if filter_test and name != "atr":
         raise ValueError(f"filter_test only applies to the atr dataset, not {name!r}")
     common = dict(image_size=image_size, ratio=ratio, threshold=threshold, aug=aug, bg=bg)
+    if train_repeats is not None:
+        common["train_repeats"] = train_repeats
     if name == "cub":
         return CUBDataset(root, split, original_crop=original_crop, **common)
     if name == "market":
@@ -78,5 +83,5 @@ def build_dataset(
     if name == "synthetic":
         return SyntheticDataset(root, split, original_crop=original_crop, **common)
     if name == "birds":
-        return BirdsDataset(root, split, **common)
+        return BirdsDataset(root, split, original_crop=original_crop, **common)
     raise ValueError(f"unknown dataset {name!r}: choose one of {tuple(DEFAULT_ROOTS)}")

@@ -139,6 +139,7 @@ class ATRDataset(MaskedImageDataset):
         original_crop: reproduce the original's random-crop edge draws.
         filter_test: apply the threshold to the test split too (the original ATR2 behaviour).
         fit_mode: ``"stretch"`` (ATR2) or ``"pad"`` (keeps the aspect ratio).
+        train_repeats: visits of each train image per ``len``.
     Items: ``{"images": (4, H, W) float32 in [0, 1], "path": str, "label": -1}``.
     """
 
@@ -154,6 +155,7 @@ class ATRDataset(MaskedImageDataset):
         original_crop: bool = False,
         filter_test: bool = False,
         fit_mode: Fit = "stretch",
+        train_repeats: int = 1,
     ):
         if split not in SPLITS:
             raise ValueError(f"ATR split must be one of {SPLITS}, got {split!r}")
@@ -198,6 +200,7 @@ class ATRDataset(MaskedImageDataset):
             fit_mode=fit_mode,
             mask_threshold=0,
             original_crop=original_crop,
+            repeats=train_repeats if split == "train" else 1,
             name=f"ATR {split}",
             skips=skips,
         )

@@ -63,6 +63,7 @@ import torch
 from PIL import Image
 
 from datasets.common import mask_file_name
+from datasets.cub import TRAIN_REPEATS
 from datasets.synthetic import GroundTruthDataset, read_manifest
 from renderer.camera import (
     FOVY_RAD,
@@ -787,18 +788,22 @@ class BirdsDataset(GroundTruthDataset):
         split, image_size, threshold, aug, bg: as `datasets.cub.CUBDataset`; another ``image_size``
             than the cache's is a resize of the whole square frame, so the cameras stay exact.
         ratio: must be 1 (the images are square).
+        original_crop, train_repeats: as `datasets.cub.CUBDataset`, whose default doubling of the train
+            split (the original's CUB loader) applies here too.
     Items: CUB items (label = species) plus, when ``aug`` is False, the ground truth (`GT_KEYS`).
     """
 
     def __init__(self, root: str | Path, split: str, image_size: int = 128, ratio: float = 1.0,
-                 threshold: str | tuple[float, float] | None = None, aug: bool = False, bg: bool = False):
+                 threshold: str | tuple[float, float] | None = None, aug: bool = False, bg: bool = False,
+                 original_crop: bool = False, train_repeats: int = TRAIN_REPEATS):
         root = Path(root)
         if read_manifest(root) is None:
             raise FileNotFoundError(f"no bird dataset at {root} ({MANIFEST} missing): {HINT}")
         if not math.isclose(ratio, 1.0):
             raise ValueError(f"the bird images are square: use --ratio 1, not {ratio}")
         super().__init__(root, split, image_size, ratio, threshold, aug, bg, gt_keys=GT_KEYS, image_ext=".jpg",
-                         mask_threshold=0, name="birds", hint=HINT)
+                         mask_threshold=0, name="birds", hint=HINT, original_crop=original_crop,
+                         train_repeats=train_repeats)
 
     def mesh(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ground-truth mesh of sample ``position``: verts (V, 3) float32 and faces (F, 3) int64."""

@@ -49,6 +49,7 @@ class MarketDataset(MaskedImageDataset):
         threshold: foreground-ratio window, train split only; None keeps everything.
         aug: training augmentation (pad, shift, flip).
         bg: keep the real background (True) or whiten it (False).
+        train_repeats: visits of each train image per ``len``.
     Items: ``{"images": (4, H, W) float32 in [0, 1], "path": str, "label": int}`` (label = identity
     folder position in sorted order).
     """
@@ -62,6 +63,7 @@ class MarketDataset(MaskedImageDataset):
         threshold: str | tuple[float, float] | None = None,
         aug: bool = False,
         bg: bool = False,
+        train_repeats: int = 1,
     ):
         if split not in SPLIT_FOLDERS:
             raise ValueError(f"Market split must be one of {tuple(SPLIT_FOLDERS)}, got {split!r}")
@@ -89,6 +91,7 @@ class MarketDataset(MaskedImageDataset):
             aug_style="shift",
             fit_mode="stretch",
             mask_threshold=0,
+            repeats=train_repeats if split == "train" else 1,
             name=f"Market {split}",
             skips=skips,
         )

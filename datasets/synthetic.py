@@ -397,15 +397,17 @@ class GroundTruthDataset(CUBDataset):
     Args:
         root, split, image_size, ratio, threshold, aug, bg: as `datasets.cub.CUBDataset`.
         gt_keys: the per-image arrays of ``gt.npz`` that items carry.
-        image_ext, mask_threshold, name, hint: as `datasets.cub.CUBDataset` (no doubling of the train
-            split: generated data needs none).
+        image_ext, mask_threshold, name, hint, original_crop, train_repeats: as `datasets.cub.CUBDataset`
+            (by default no doubling of the train split).
     """
 
     def __init__(self, root: str | Path, split: str, image_size: int, ratio: float,
                  threshold: str | tuple[float, float] | None, aug: bool, bg: bool, *, gt_keys: tuple[str, ...],
-                 image_ext: str, mask_threshold: int, name: str, hint: str, original_crop: bool = False):
+                 image_ext: str, mask_threshold: int, name: str, hint: str, original_crop: bool = False,
+                 train_repeats: int = 1):
         super().__init__(root, split, image_size, ratio, threshold, aug, bg, original_crop=original_crop,
-                         image_ext=image_ext, mask_threshold=mask_threshold, train_repeats=1, name=name, hint=hint)
+                         image_ext=image_ext, mask_threshold=mask_threshold, train_repeats=train_repeats, name=name,
+                         hint=hint)
         gt = np.load(Path(root) / split / GT_FILE)
         self.gt = {key: torch.from_numpy(gt[key]).float() for key in gt_keys}
         self.gt_row = {str(stem): row for row, stem in enumerate(gt["stems"])}
@@ -423,9 +425,10 @@ class SyntheticDataset(GroundTruthDataset):
 
     Args:
         root: cache folder made by `ensure_synthetic`.
-        split, image_size, ratio, threshold, aug, bg, original_crop: as `datasets.cub.CUBDataset`.
-            ``ratio`` must be the cache's; another ``image_size`` is resized like CUB (the ground-truth
-            cameras stay valid, the stored-mask identity then holds only approximately).
+        split, image_size, ratio, threshold, aug, bg, original_crop, train_repeats: as
+            `datasets.cub.CUBDataset` (one visit per epoch by default). ``ratio`` must be the cache's;
+            another ``image_size`` is resized like CUB (the ground-truth cameras stay valid, the
+            stored-mask identity then holds only approximately).
     Items: CUB items (label = shape family) plus, when ``aug`` is False, the ground truth
     (`GT_KEYS`, see the module docstring).
     """
@@ -440,6 +443,7 @@ class SyntheticDataset(GroundTruthDataset):
         aug: bool = False,
         bg: bool = False,
         original_crop: bool = False,
+        train_repeats: int = 1,
     ):
         root = Path(root)
         manifest = read_manifest(root)
@@ -449,4 +453,5 @@ class SyntheticDataset(GroundTruthDataset):
             raise ValueError(f"synthetic dataset at {root} was made with ratio {manifest['ratio']}, asked for "
                              f"{ratio}: regenerate it with ensure_synthetic")
         super().__init__(root, split, image_size, ratio, threshold, aug, bg, gt_keys=GT_KEYS, image_ext=".png",
-                         mask_threshold=0, name="synthetic", hint=HINT, original_crop=original_crop)
+                         mask_threshold=0, name="synthetic", hint=HINT, original_crop=original_crop,
+                         train_repeats=train_repeats)

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from networks.attributes import Attributes
 from networks.encoders import (
+    SCRATCH_TEXTURE_BLOCKS,
     BackgroundEncoder,
     CameraEncoder,
     LightEncoder,
@@ -64,6 +65,7 @@ class AttributeEncoder(nn.Module):
         drop_camera: dropout of the camera and light encoders.
         drop_shape: dropout of the shape encoder.
         drop_texture: dropout of the texture and background encoders (applied halved).
+        texture_scratch_blocks: ResBlocks per stage of the from-scratch texture backbone.
         dist_range, elev_range, azi_scope: camera ranges (distance, elevation in degrees, azimuth scope).
     """
 
@@ -72,6 +74,7 @@ class AttributeEncoder(nn.Module):
                  pretrained: bool = False, norm: str = "bn", nk: int = 5, coordconv: bool = True,
                  local_features: bool = True, predict_background: bool = False, drop_camera: float = 0.0,
                  drop_shape: float = 0.0, drop_texture: float = 0.0,
+                 texture_scratch_blocks: tuple[int, int, int, int] = SCRATCH_TEXTURE_BLOCKS,
                  dist_range: tuple[float, float] = (2.0, 7.0), elev_range: tuple[float, float] = (0.0, 30.0),
                  azi_scope: float = 360.0):
         super().__init__()
@@ -87,7 +90,8 @@ class AttributeEncoder(nn.Module):
                                             dist_range, elev_range, azi_scope, local_features)
         self.shape_encoder = ShapeEncoder(num_verts, shape_backbone, pretrained, nk, norm, coordconv, drop_shape,
                                           local_features)
-        self.texture_encoder = TextureEncoder(texture_backbone, pretrained, nk, norm, coordconv, drop_texture)
+        self.texture_encoder = TextureEncoder(texture_backbone, pretrained, nk, norm, coordconv, drop_texture,
+                                              texture_scratch_blocks)
         self.light_encoder = LightEncoder(nk, norm, coordconv, drop_camera)
         self.background_encoder = BackgroundEncoder(drop_texture) if predict_background else None
 

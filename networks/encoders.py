@@ -39,6 +39,8 @@ from utils.cli import RunError
 
 BACKBONES = ("none", "res18", "res34", "res50", "hr18sv2")
 TEXTURE_BACKBONES = ("none", "res18", "res34")
+SCRATCH_TEXTURE_BLOCKS = (1, 3, 3, 2)
+"""ResBlocks per stage of the from-scratch texture trunk, as the original's."""
 
 _SCRATCH_HINT = "pass --no-pretrained to train the backbone from scratch, or pick the backbone 'none'"
 
@@ -365,17 +367,20 @@ def neighbour_difference(local: Tensor, laplacian: Tensor) -> Tensor:
 class ScratchPyramid(nn.Module):
     """From-scratch texture backbone with the pyramid a ResNet-18/34 gives TextureBiFPN.
 
-    Our design (the original has no from-scratch BiFPN texture encoder): a stride-2 stem and four
-    (ResBlockHalf + ResBlocks) stages; (B,4,H,W) normalised -> 64/128/256/512 channels at strides
-    4/8/16/32.
+    A stride-2 stem and four (ResBlockHalf + ResBlocks) stages: (B,4,H,W) normalised -> 64/128/256/512
+    channels at strides 4/8/16/32. The original's custom texture trunk has this layout with 1, 3, 3
+    and 2 ResBlocks per stage (``blocks``).
     """
 
-    def __init__(self, nk: int = 5, norm: str = "bn", coordconv: bool = True):
+    def __init__(self, nk: int = 5, norm: str = "bn", coordconv: bool = True,
+                 blocks: tuple[int, int, int, int] = SCRATCH_TEXTURE_BLOCKS):
         super().__init__()
+        if len(blocks) != 4 or min(blocks) < 1:
+            raise ValueError(f"the texture pyramid needs four stages of at least one ResBlock, got {blocks}")
         self.stem = Conv2dBlock(4, 32, nk, 2, nk // 2, norm="bn", coordconv=coordconv)  # H -> H/2, 4 -> 32
         self.levels = nn.ModuleList(
-            nn.Sequential(ResBlockHalf(c, norm), ResBlocks(1, 2 * c, norm))  # H/s -> H/2s, c -> 2c
-            for c in (32, 64, 128, 256)
+            nn.Sequential(ResBlockHalf(c, norm), ResBlocks(n, 2 * c, norm))  # H/s -> H/2s, c -> 2c
+            for c, n in zip((32, 64, 128, 256), blocks, strict=True)
         )
         self.apply(init_weights)
 
@@ -396,13 +401,15 @@ class TextureEncoder(nn.Module):
         pretrained: ImageNet weights for the ResNet trunk.
         nk, norm, coordconv: options of the 'none' backbone.
         droprate: the flow head uses dropout ``droprate / 2``.
+        scratch_blocks: ResBlocks per stage of the 'none' backbone.
     """
 
     def __init__(self, backbone: str = "none", pretrained: bool = False, nk: int = 5, norm: str = "bn",
-                 coordconv: bool = True, droprate: float = 0.0):
+                 coordconv: bool = True, droprate: float = 0.0,
+                 scratch_blocks: tuple[int, int, int, int] = SCRATCH_TEXTURE_BLOCKS):
         super().__init__()
         _check_backbone(backbone, TEXTURE_BACKBONES, "texture")
-        self.backbone = (ScratchPyramid(nk, norm, coordconv) if backbone == "none"
+        self.backbone = (ScratchPyramid(nk, norm, coordconv, scratch_blocks) if backbone == "none"
                          else ResNet4C(backbone, pretrained, last_stride=2))
         self.decoder = TextureBiFPN(droprate)
 

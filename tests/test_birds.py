@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import datasets.birds as birds
-from datasets import build_dataset
+from datasets import build_dataset, common
 from datasets.birds import (
     GT_FILE,
     MANIFEST,
@@ -187,3 +187,23 @@ def test_loader_items_and_errors(tiny_root, tmp_path):
         BirdsDataset(tiny_root, "test", ratio=2.0)
     with pytest.raises(FileNotFoundError, match="ensure_birds"):
         BirdsDataset(tmp_path / "missing", "test")
+
+
+@pytest.mark.parametrize("original_crop", [False, True])
+def test_birds_train_split_is_read_as_the_original_read_cub(tiny_root, monkeypatch, original_crop):
+    # The original's CUB loader: each training image twice per epoch, the random crop drawn its way.
+    seen = []
+    real = common.crop_box
+
+    def spy(width, height, original):
+        seen.append(original)
+        return real(width, height, original)
+
+    monkeypatch.setattr(common, "crop_box", spy)
+    train = build_dataset("birds", tiny_root, "train", 32, 1.0, None, aug=True, bg=False, original_crop=original_crop)
+    images = TINY["num_train"]
+    assert len(train) == 2 * images and train[images]["path"] == train[0]["path"]
+    assert seen == [original_crop, original_crop]
+    once = build_dataset("birds", tiny_root, "train", 32, 1.0, None, aug=True, bg=False, train_repeats=1)
+    test = build_dataset("birds", tiny_root, "test", 32, 1.0, None, aug=False, bg=False, train_repeats=3)
+    assert len(once) == images and len(test) == TINY["num_test"]

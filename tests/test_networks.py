@@ -331,6 +331,23 @@ def test_parameter_counts_match_the_spec():
     assert n_params(TextureEncoder(backbone="res34")) == 29_182_213 - (64 * 64 * 9 + 2 * 64)
 
 
+def test_from_scratch_texture_trunk_has_the_original_stage_depths():
+    # Per stage with c = 32, 64, 128, 256 input channels and d = 2c: ResBlockHalf 18c² + 4c (two bias-free
+    # 3x3 convs + BN), each ResBlock 9d² + 3d, the channel attention d²/8 + d/16 + d; the stem
+    # (4 + 2 coordinates -> 32, 5x5, BN) 4,864. With 1, 3, 3, 2 ResBlocks that is 8,592,060; every extra
+    # ResBlock over 1, 1, 1, 1 adds 9d² + 3d: 2·(9·128² + 3·128) + 2·(9·256² + 3·256) + 9·512² + 3·512.
+    deep = TextureEncoder("none").backbone
+    shallow = TextureEncoder("none", scratch_blocks=(1, 1, 1, 1)).backbone
+    assert [len(level[1].blocks) for level in deep.levels] == [1, 3, 3, 2]
+    assert n_params(deep) == 8_592_060
+    extra = 2 * (9 * 128**2 + 3 * 128) + 2 * (9 * 256**2 + 3 * 256) + 9 * 512**2 + 3 * 512
+    assert n_params(deep) - n_params(shallow) == extra
+    pyramid = deep.pyramid(torch.randn(2, 4, 64, 96))
+    assert [tuple(x.shape) for x in pyramid] == [(2, 64, 16, 24), (2, 128, 8, 12), (2, 256, 4, 6), (2, 512, 2, 3)]
+    with pytest.raises(ValueError, match="four stages"):
+        TextureEncoder("none", scratch_blocks=(1, 0, 1, 1))
+
+
 def test_hrnet_shape_encoder_parameter_count_matches_the_spec():
     pytest.importorskip("timm")
     assert n_params(ShapeEncoder(642, backbone="hr18sv2")) == 19_362_084

@@ -219,7 +219,8 @@ RECORDED_STEPS = [
 def _first_steps(tmp_path, data_root, *flags):
     flags = ["--hard", "--bg", "--unmask", "2", "--update_shape", "-1", "--L1", "--ganw", "0",
              "--lambda_contour", "0.1", "--lambda_depthC", "0.1", "--warm_epoch", "0",
-             "--lr_shape_backbone", "1", "--no-original_crop", *flags]  # the recorded code's behaviour
+             "--lr_shape_backbone", "1", "--no-original_crop", "--texture_scratch_blocks", "1,1,1,1",
+             *flags]  # the recorded code's behaviour
     trainer = Trainer(parse_options(tiny_args(tmp_path, data_root, "parity", *flags), {}))
     trainer.train_sampler.set_epoch(0, 0)
     batches = [b["images"] for b in trainer.train_loader]

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from utils.checkpoints import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from utils.data import EpochSampler, SeededItems, ignore_stop_signals
-from utils.options import build_parser, derive, load_options, parse_options, save_options
+from utils.model import build_encoder, build_template
+from utils.options import build_parser, check_same_options, derive, load_options, parse_options, save_options
 from utils.template_update import bad_samples, step_template
 
 # ----------------------------------------------------------------------------- options
@@ -32,12 +34,35 @@ def test_every_boolean_switches_both_ways(flag):
 
 
 def test_original_crop_is_the_default_of_cropped_datasets_and_switches_both_ways():
-    for dataset, default in [("cub", True), ("atr", True), ("synthetic", True), ("market", False)]:
+    for dataset, default in [("cub", True), ("atr", True), ("synthetic", True), ("birds", True), ("market", False)]:
         assert derive(parse_options(["--dataset", dataset], {})).original_crop is default, dataset
         assert derive(parse_options(["--dataset", dataset, "--no-original_crop"], {})).original_crop is False
     assert derive(parse_options(["--original_crop"], {})).original_crop is True
     with pytest.raises(ValueError, match="shift"):
         parse_options(["--dataset", "market", "--original_crop"], {})
+
+
+def test_texture_scratch_blocks_reach_the_model_and_bad_values_are_refused():
+    opts = parse_options(["--dataset", "synthetic", "--texture_scratch_blocks", "2,1,1,1"], {})
+    encoder = build_encoder(opts, build_template(opts))
+    assert [len(level[1].blocks) for level in encoder.texture_encoder.backbone.levels] == [2, 1, 1, 1]
+    for bad in ("1,3,3", "1,0,1,1", "a,b,c,d"):
+        with pytest.raises(ValueError, match="texture_scratch_blocks"):
+            parse_options(["--texture_scratch_blocks", bad], {})
+    with pytest.raises(ValueError, match="train_repeats"):
+        parse_options(["--train_repeats", "0"], {})
+
+
+def test_a_run_saved_before_texture_scratch_blocks_existed_is_rebuilt_with_the_shallow_trunk(tmp_path):
+    opts = parse_options(["--dataset", "synthetic"], {})
+    stored = vars(opts).copy()
+    del stored["texture_scratch_blocks"]
+    path = tmp_path / "opts.yaml"
+    path.write_text(yaml.safe_dump(stored))
+    assert load_options(path).texture_scratch_blocks == "1,1,1,1"
+    with pytest.raises(ValueError, match="--texture_scratch_blocks '1,1,1,1'"):
+        check_same_options(opts, path)
+    check_same_options(parse_options(["--dataset", "synthetic", "--texture_scratch_blocks", "1,1,1,1"], {}), path)
 
 
 def test_script_defaults_and_synthetic_preset_yield_to_the_command_line():

@@ -60,6 +60,7 @@ def build_encoder(opts: argparse.Namespace, template: Template) -> AttributeEnco
         drop_camera=d.drop_camera,
         drop_shape=d.drop_shape,
         drop_texture=d.drop_texture,
+        texture_scratch_blocks=d.texture_scratch_blocks,
         dist_range=d.dist_range,
         elev_range=d.elev_range,
         azi_scope=opts.azi_scope,

@@ -152,6 +152,10 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
                    help="CUB/ATR/synthetic random crop as the original drew it (right/lower edges drawn "
                    "independently: aspect and scale jitter), the default for those datasets; --no-original_crop: "
                    "a fixed-size 95-99%% crop. Market (shifted, not cropped) refuses --original_crop")
+    g.add_argument("--train_repeats", type=int, default=None,
+                   help="visits of each training image per epoch (an epoch is then that many passes: warm-up, "
+                   "template updates and the LR schedule count epochs); default: the dataset's, 2 for CUB and "
+                   "birds (the original's CUB loader), 1 for the others")
     g.add_argument("--filter_test", **bool_flag, default=False,
                    help="ATR: filter the test split by --threshold too, as the original ATR2 did (1,647 of 1,706)")
     g.add_argument("--synthetic_train", type=int, default=2048,
@@ -175,6 +179,9 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
                    help="initialise ResNet/HRNet backbones with ImageNet weights (needs them locally)")
     g.add_argument("--norm", choices=("bn", "in", "none"), default="bn", help="normalisation of conv blocks")
     g.add_argument("--nk", type=int, default=5, help="kernel size of the first camera conv and the light convs")
+    g.add_argument("--texture_scratch_blocks", default="1,3,3,2",
+                   help="ResBlocks in each of the four stages (strides 4/8/16/32) of the from-scratch texture "
+                   "backbone (--pretraint none); the original's trunk has 1,3,3,2")
     g.add_argument("--droprate", default="0.2,0.2,0.2",
                    help="dropout 'camera&light,shape,texture&background'")
     g.add_argument("--coordconv", **bool_flag, default=True, help="append coordinate channels before selected convs")
@@ -296,6 +303,7 @@ class Derived:
     drop_camera: float
     drop_shape: float
     drop_texture: float
+    texture_scratch_blocks: tuple[int, int, int, int]
     original_crop: bool
     swa_start: int
     run_dir: Path
@@ -309,6 +317,15 @@ def derive(opts: argparse.Namespace) -> Derived:
         drops = []
     if len(drops) != 3:
         raise ValueError(f"--droprate expects three comma-separated floats, got {opts.droprate!r}")
+    try:
+        blocks = tuple(int(v) for v in opts.texture_scratch_blocks.split(","))
+    except ValueError:
+        blocks = ()
+    if len(blocks) != 4 or min(blocks) < 1:
+        raise ValueError("--texture_scratch_blocks expects four comma-separated counts >= 1, got "
+                         f"{opts.texture_scratch_blocks!r}")
+    if opts.train_repeats is not None and opts.train_repeats < 1:
+        raise ValueError("--train_repeats must be >= 1")
     if opts.ratio <= 0:
         raise ValueError("--ratio must be > 0")
     if opts.original_crop and opts.dataset not in CROP_DATASETS:
@@ -339,11 +356,16 @@ def derive(opts: argparse.Namespace) -> Derived:
         drop_camera=drops[0],
         drop_shape=drops[1],
         drop_texture=drops[2],
+        texture_scratch_blocks=blocks,
         original_crop=opts.original_crop if opts.original_crop is not None else opts.dataset in CROP_DATASETS,
         swa_start=swa_start,
         run_dir=Path(opts.log_root) / opts.name,
     )
 
+
+FORMER_VALUES = {"texture_scratch_blocks": "1,1,1,1"}
+"""What runs saved before an option existed used, where that differs from today's default: a run
+folder whose opts.yaml lacks the option is rebuilt, compared and resumed with this value."""
 
 RUNTIME_OPTIONS = frozenset({
     "name", "log_root", "resume", "auto_resume", "debug", "device", "dataroot", "workers", "prefetch_factor",
@@ -365,8 +387,9 @@ def save_options(opts: argparse.Namespace, path: Path) -> None:
 
 def check_same_options(opts: argparse.Namespace, path: Path) -> None:
     """Raise ValueError naming every option (outside `RUNTIME_OPTIONS`) whose value differs from the
-    run's saved `path` (opts.yaml); options the file predates are not compared."""
-    stored = _read_yaml(path)
+    run's saved `path` (opts.yaml); options the file predates are not compared, except those of
+    `FORMER_VALUES` (with the value such a run used)."""
+    stored = {**FORMER_VALUES, **_read_yaml(path)}
     current = vars(opts)
     differ = sorted(k for k in stored.keys() & current.keys() - RUNTIME_OPTIONS if stored[k] != current[k])
     if differ:
@@ -386,10 +409,11 @@ def _read_yaml(path: Path) -> dict:
 
 
 def load_options(path: Path) -> argparse.Namespace:
-    """Read a run's opts.yaml back, filling flags added since it was written with today's defaults."""
+    """Read a run's opts.yaml back, filling flags added since it was written with the value such runs used
+    (`FORMER_VALUES`) or else today's default."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is the run name right? Runs live in log/<name>/opts.yaml")
-    stored = _read_yaml(path)
+    stored = {**FORMER_VALUES, **_read_yaml(path)}
     opts = build_parser().parse_args([])
     known = vars(opts)
     unknown = set(stored) - set(known)

@@ -202,11 +202,13 @@ class Trainer:
 
     def _dataset(self, split: str, threshold, aug: bool):
         o = self.opts
-        original = {"original_crop": True} if self.d.original_crop else {}
+        extra = {"original_crop": True} if self.d.original_crop else {}
         if o.filter_test:
-            original["filter_test"] = True
+            extra["filter_test"] = True
+        if o.train_repeats is not None:
+            extra["train_repeats"] = o.train_repeats
         return build_dataset(o.dataset, root=o.dataroot, split=split, image_size=o.imageSize, ratio=o.ratio,
-                             threshold=threshold, aug=aug, bg=o.bg, **original)
+                             threshold=threshold, aug=aug, bg=o.bg, **extra)
 
     def _loader(self, dataset, sampler=None, shuffle=False, batch_size=None):
         o = self.opts
