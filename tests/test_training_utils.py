@@ -63,6 +63,13 @@ def test_a_run_saved_before_texture_scratch_blocks_existed_is_rebuilt_with_the_s
     with pytest.raises(ValueError, match="--texture_scratch_blocks '1,1,1,1'"):
         check_same_options(opts, path)
     check_same_options(parse_options(["--dataset", "synthetic", "--texture_scratch_blocks", "1,1,1,1"], {}), path)
+    # A run with the ResNet-34 texture encoder never built that trunk: it continues with today's value.
+    res34 = parse_options(["--dataset", "synthetic", "--pretraint", "res34", "--no-pretrained"], {})
+    stored = vars(res34).copy()
+    del stored["texture_scratch_blocks"]
+    path.write_text(yaml.safe_dump(stored))
+    assert load_options(path).texture_scratch_blocks == res34.texture_scratch_blocks
+    check_same_options(res34, path)
 
 
 def test_script_defaults_and_synthetic_preset_yield_to_the_command_line():

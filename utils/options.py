@@ -363,9 +363,12 @@ def derive(opts: argparse.Namespace) -> Derived:
     )
 
 
-FORMER_VALUES = {"texture_scratch_blocks": "1,1,1,1"}
-"""What runs saved before an option existed used, where that differs from today's default: a run
-folder whose opts.yaml lacks the option is rebuilt, compared and resumed with this value."""
+def _with_former_values(stored: dict) -> dict:
+    """A run's saved options plus, for options its opts.yaml predates, the value such a run used where
+    that differs from today's default: the from-scratch texture trunk had one block per stage. A run
+    with another texture backbone did not build that trunk, so today's default is the same run."""
+    former = {"texture_scratch_blocks": "1,1,1,1"} if stored.get("pretraint") == "none" else {}
+    return {**former, **stored}
 
 RUNTIME_OPTIONS = frozenset({
     "name", "log_root", "resume", "auto_resume", "debug", "device", "dataroot", "workers", "prefetch_factor",
@@ -387,9 +390,9 @@ def save_options(opts: argparse.Namespace, path: Path) -> None:
 
 def check_same_options(opts: argparse.Namespace, path: Path) -> None:
     """Raise ValueError naming every option (outside `RUNTIME_OPTIONS`) whose value differs from the
-    run's saved `path` (opts.yaml); options the file predates are not compared, except those of
-    `FORMER_VALUES` (with the value such a run used)."""
-    stored = {**FORMER_VALUES, **_read_yaml(path)}
+    run's saved `path` (opts.yaml); options the file predates are not compared, except those
+    `_with_former_values` fills in (with the value such a run used)."""
+    stored = _with_former_values(_read_yaml(path))
     current = vars(opts)
     differ = sorted(k for k in stored.keys() & current.keys() - RUNTIME_OPTIONS if stored[k] != current[k])
     if differ:
@@ -410,10 +413,10 @@ def _read_yaml(path: Path) -> dict:
 
 def load_options(path: Path) -> argparse.Namespace:
     """Read a run's opts.yaml back, filling flags added since it was written with the value such runs used
-    (`FORMER_VALUES`) or else today's default."""
+    (`_with_former_values`) or else today's default."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is the run name right? Runs live in log/<name>/opts.yaml")
-    stored = {**FORMER_VALUES, **_read_yaml(path)}
+    stored = _with_former_values(_read_yaml(path))
     opts = build_parser().parse_args([])
     known = vars(opts)
     unknown = set(stored) - set(known)
