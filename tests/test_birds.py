@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import datasets.birds as birds
-from datasets import build_dataset, common
+from datasets import build_dataset
 from datasets.birds import (
     GT_FILE,
     MANIFEST,
@@ -190,16 +190,9 @@ def test_loader_items_and_errors(tiny_root, tmp_path):
 
 
 @pytest.mark.parametrize("original_crop", [False, True])
-def test_birds_train_split_is_read_as_the_original_read_cub(tiny_root, monkeypatch, original_crop):
+def test_birds_train_split_is_read_as_the_original_read_cub(tiny_root, crop_box_calls, original_crop):
     # The original's CUB loader: each training image twice per epoch, the random crop drawn its way.
-    seen = []
-    real = common.crop_box
-
-    def spy(width, height, original):
-        seen.append(original)
-        return real(width, height, original)
-
-    monkeypatch.setattr(common, "crop_box", spy)
+    seen = crop_box_calls
     train = build_dataset("birds", tiny_root, "train", 32, 1.0, None, aug=True, bg=False, original_crop=original_crop)
     images = TINY["num_train"]
     assert len(train) == 2 * images and train[images]["path"] == train[0]["path"]

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-import datasets.common as common
 import datasets.synthetic as synthetic
 from datasets import build_dataset
 from datasets.synthetic import (
@@ -169,15 +168,8 @@ def test_loader_path_aug_and_errors(tmp_path, tiny_root):
 
 
 @pytest.mark.parametrize("original_crop", [False, True])
-def test_original_crop_reaches_the_synthetic_loader(tiny_root, monkeypatch, original_crop):
-    seen = []
-    real = common.crop_box
-
-    def spy(width, height, original):
-        seen.append(original)
-        return real(width, height, original)
-
-    monkeypatch.setattr(common, "crop_box", spy)
+def test_original_crop_reaches_the_synthetic_loader(tiny_root, crop_box_calls, original_crop):
+    seen = crop_box_calls
     ds = build_dataset("synthetic", tiny_root, "train", 32, 1.0, None, aug=True, bg=False, original_crop=original_crop)
     ds[0]
     assert seen == [original_crop]
