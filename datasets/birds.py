@@ -53,7 +53,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -64,7 +63,7 @@ from PIL import Image
 
 from datasets.common import mask_file_name
 from datasets.cub import TRAIN_REPEATS
-from datasets.synthetic import GroundTruthDataset, read_manifest
+from datasets.synthetic import MANIFEST, SPLITS, GroundTruthDataset, ensure_cache, read_manifest
 from renderer.camera import (
     FOVY_RAD,
     camera_position,
@@ -76,8 +75,6 @@ from renderer.camera import (
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "test")
-MANIFEST = "manifest.json"
 GT_FILE = "gt.npz"
 GT_KEYS = ("verts", "azimuth_deg", "elevation_deg", "distance", "offset")
 """Per-image ground-truth arrays in ``gt.npz`` that items carry (besides ``stems``, ``labels``,
@@ -754,24 +751,19 @@ def ensure_birds(
     root = Path(root)
     config = BirdsConfig(num_train, num_test, image_size, seed, num_classes, tuple(map(float, elevation_range)),
                          tuple(map(float, distance_range)), float(offset_range), spp=spp)
-    wanted = config.manifest()
-    found = read_manifest(root)
-    if found is not None and {k: v for k, v in found.items() if k != "mitsuba"} == wanted:
-        return root
-    import mitsuba
-
-    (root / MANIFEST).unlink(missing_ok=True)
-    for split in SPLITS:
-        shutil.rmtree(root / split, ignore_errors=True)
-    root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    species_rng = np.random.default_rng([seed, 0])
-    species = [BirdSpecies.draw(species_rng) for _ in range(num_classes)]
-    for split in SPLITS:
-        generate_split(root, split, config, species)
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({**wanted, "mitsuba": mitsuba.__version__}, indent=1))
-    tmp.replace(root / MANIFEST)
+
+    def generate() -> dict:
+        import mitsuba
+
+        species_rng = np.random.default_rng([seed, 0])
+        species = [BirdSpecies.draw(species_rng) for _ in range(num_classes)]
+        for split in SPLITS:
+            generate_split(root, split, config, species)
+        return {"mitsuba": mitsuba.__version__}
+
+    if not ensure_cache(root, config.manifest(), generate):
+        return root
     logger.info("birds: generated %d + %d images of %dx%d in %s in %.1f s", num_train, num_test, image_size,
                 image_size, root, time.perf_counter() - start)
     return root

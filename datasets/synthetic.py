@@ -44,6 +44,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -324,6 +325,29 @@ def read_manifest(root: Path) -> dict | None:
         return None
 
 
+def ensure_cache(root: Path, wanted: dict, generate: Callable[[], dict]) -> bool:
+    """Fill the cache folder `root` with `generate()` unless its manifest already holds every entry of
+    `wanted` (the generation parameters, JSON-ready).
+
+    A cache made with other parameters is deleted first (its split folders and manifest).
+    `generate()` writes the splits and returns entries to record beside `wanted` that are not compared
+    (such as a renderer's version). The manifest is written last and atomically, so an interrupted
+    generation is redone on the next call. Returns True when it generated.
+    """
+    found = read_manifest(root)
+    if found is not None and all(k in found and found[k] == v for k, v in wanted.items()):
+        return False
+    (root / MANIFEST).unlink(missing_ok=True)
+    for split in SPLITS:
+        shutil.rmtree(root / split, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    recorded = generate()
+    tmp = root / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({**wanted, **recorded}, indent=1))
+    tmp.replace(root / MANIFEST)
+    return True
+
+
 def ensure_synthetic(
     root: str | Path,
     num_train: int,
@@ -365,21 +389,17 @@ def ensure_synthetic(
     config = SyntheticConfig(num_train, num_test, image_size, ratio, seed, ellipsoid,
                              tuple(map(float, elevation_range)), tuple(map(float, distance_range)),
                              float(offset_range), background, num_classes)
-    wanted = json.loads(json.dumps(config.manifest()))
-    if read_manifest(root) == wanted:
-        return root
-    (root / MANIFEST).unlink(missing_ok=True)
-    for split in SPLITS:
-        shutil.rmtree(root / split, ignore_errors=True)
-    root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    template = Template.icosphere(ellipsoid=ellipsoid)
-    families = ShapeFamilies.draw(num_classes, torch.Generator().manual_seed(seed))
-    for split in SPLITS:
-        generate_split(root, split, config, template, families, device=device, batch_size=batch_size)
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(wanted, indent=1))
-    tmp.replace(root / MANIFEST)
+
+    def generate() -> dict:
+        template = Template.icosphere(ellipsoid=ellipsoid)
+        families = ShapeFamilies.draw(num_classes, torch.Generator().manual_seed(seed))
+        for split in SPLITS:
+            generate_split(root, split, config, template, families, device=device, batch_size=batch_size)
+        return {}
+
+    if not ensure_cache(root, json.loads(json.dumps(config.manifest())), generate):
+        return root
     logger.info("synthetic: generated %d + %d images of %dx%d in %s in %.1f s", num_train, num_test,
                 config.width, config.height, root, time.perf_counter() - start)
     return root
