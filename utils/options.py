@@ -30,6 +30,11 @@ DATASETS = ("cub", "market", "atr", "synthetic", "birds")
 BACKBONES = ("none", "res18", "res34", "res50", "hr18sv2")
 SCHEDULERS = ("cosine", "step", "restart", "restart2", "restart1", "exp")
 
+# What both generated datasets' presets set: from-scratch backbones (no ImageNet weights needed) and
+# every image kept (their masks are never empty or full).
+_GENERATED_DATA = dict(pretrains="none", pretrainc="none", pretraint="none", threshold="0.01,0.99",
+                       clean_threshold="0.01,0.99")
+
 # Defaults a `--dataset synthetic` run uses unless the command line says otherwise: small images,
 # from-scratch backbones and a short schedule, so the quick start trains on a CPU in minutes.
 SYNTHETIC_PRESET = dict(
@@ -40,11 +45,7 @@ SYNTHETIC_PRESET = dict(
     warm_epoch=1,
     eval_every=2,
     em_gap=2,
-    pretrains="none",
-    pretrainc="none",
-    pretraint="none",
-    threshold="0.01,0.99",
-    clean_threshold="0.01,0.99",
+    **_GENERATED_DATA,
     # The object stays in the frame at 3 and is still ~12 px tall at 6 (64-px images).
     dist_range="3~6",
     workers=2,
@@ -62,11 +63,7 @@ BIRDS_PRESET = dict(
     warm_epoch=20,
     eval_every=20,
     vis_every=20,
-    pretrains="none",
-    pretrainc="none",
-    pretraint="none",
-    threshold="0.01,0.99",
-    clean_threshold="0.01,0.99",
+    **_GENERATED_DATA,
     synthetic_train=2048,
     synthetic_test=256,
 )
