@@ -342,7 +342,7 @@ class Trainer:
         return {**out.stats, "warm_up": self.warm_up}
 
     def _device_step(self, x: torch.Tensor, mode: int) -> _StepOutput:
-        """The step's work on the device: both updates, skipped there on a non-finite loss (see
+        """The step's work on the device: both updates, skipped there on a non-finite loss or gradient (see
         `_step_unless`), with no host synchronisation and no tensor made from host data, so that it
         can be captured in a CUDA graph. `x` is the (B,4,H,W) batch on the device."""
         o, dev = self.opts, self.device
@@ -748,7 +748,7 @@ class _StepGraphs:
 
     def __init__(self, step: Callable[[torch.Tensor, int], _StepOutput], optimizers: list[torch.optim.Optimizer],
                  device: torch.device):
-        self.step, self.optimizers, self.device = step, optimizers, device
+        self.step, self.device = step, device
         self.stream = torch.cuda.Stream(device)
         self.groups = [g for opt in optimizers for g in opt.param_groups]
         self.lrs = [torch.full((), g["lr"], device=device) for g in self.groups]
