@@ -57,15 +57,20 @@ CONFIGS = {
 SYNTHETIC = "--dataset synthetic --pretrains hr18sv2 --pretraint res34 --no-pretrained --threshold 0.01,0.99 " \
             "--clean_threshold 0.01,0.99"
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
-LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+# A CUDA graph's replay is one launch (cudaGraphLaunch) for all the kernels it holds.
+LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch")
 
 
 def measure(args) -> None:
     """One configuration, one code version (in this process; `args.root` is already on sys.path):
     prints 'RESULT {json}' lines, the last one complete."""
+    import faulthandler
     import importlib
 
     import torch
+
+    # A measurement that hangs prints where every thread stands and ends, instead of stalling the table.
+    faulthandler.dump_traceback_later(args.timeout, exit=True)
 
     from utils.options import parse_options
     from utils.trainer import Trainer
@@ -82,6 +87,11 @@ def measure(args) -> None:
     opts = parse_options(argv, defaults)
     trainer = Trainer(opts)
     cuda = trainer.device.type == "cuda"
+    if cuda:  # the profiler started once before any CUDA graph exists: profiling replays can hang otherwise
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]):
+            pass
 
     def sync():
         if cuda:
@@ -94,6 +104,10 @@ def measure(args) -> None:
         if len(batches) == 4:
             break
     step = 0
+    began = time.perf_counter()
+
+    def phase(text: str) -> None:  # the log says where a slow or stuck measurement stands
+        print(f"[{time.perf_counter() - began:7.1f} s] {text}", file=sys.stderr, flush=True)
 
     def run(n: int) -> float:
         nonlocal step
@@ -106,15 +120,17 @@ def measure(args) -> None:
         return time.perf_counter() - start
 
     result = {"config": args.config, "flags": args.flags, "device": torch.cuda.get_device_name() if cuda else "cpu"}
+    phase("first 20 steps")
     result["first20_s"] = run(20)
+    phase("steady state")
     run(3)  # a few more so that each mode of the alternation has met its shapes many times
     seconds = run(args.steps)
     result["step_ms"] = 1000 * seconds / args.steps
     result["images_per_s"] = BATCH * args.steps / seconds
+    print("RESULT " + json.dumps(result), flush=True)  # the step's speed, should the rest fail
     if cuda:
-        from torch.profiler import ProfilerActivity, profile
-
         profiled = 6  # two cycles of the three-mode alternation
+        phase("profiling")
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             run(profiled)
         events = prof.events()
@@ -124,13 +140,18 @@ def measure(args) -> None:
         result["launches_per_step"] = sum(e.name in LAUNCH_CALLS for e in events) / profiled
         result["syncs_per_step"] = sum(e.name in SYNC_CALLS for e in events) / profiled
         result["copies_per_step"] = sum(e.name.startswith("cudaMemcpy") for e in events) / profiled
-    print("RESULT " + json.dumps(result), flush=True)  # the step's numbers, should the rest fail
+        if args.top_ops:  # where the GPU time goes, into the measurement's log
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.top_ops),
+                  file=sys.stderr, flush=True)
+    print("RESULT " + json.dumps(result), flush=True)
     # Epoch overhead: the EM template update (and --update_bn's re-estimation) and one evaluation.
+    phase("template update")
     sync()
     start = time.perf_counter()
     trainer._update_template()
     sync()
     result["template_update_s"] = time.perf_counter() - start
+    phase("evaluation")
     start = time.perf_counter()
     trainer._evaluate(0)
     sync()
@@ -140,6 +161,7 @@ def measure(args) -> None:
     per_epoch = result["template_update_s"] / opts.em_gap + result["evaluation_s"] / opts.eval_every
     result["overhead_fraction"] = per_epoch / result["epoch_s"]
     print("RESULT " + json.dumps(result), flush=True)
+    phase("done")
 
 
 def main() -> int:
@@ -152,6 +174,11 @@ def main() -> int:
     p.add_argument("--test_images", type=int, default=96, help="synthetic test images (the evaluation's size)")
     p.add_argument("--workers", type=int, default=8, help="loader workers of the template update / evaluation")
     p.add_argument("--device", default="auto")
+    p.add_argument("--timeout", type=float, default=600,
+                   help="seconds one measurement may take; past it, it prints its threads' stacks to its log "
+                        "and ends, and the table keeps what it had measured")
+    p.add_argument("--top_ops", type=int, default=0,
+                   help="also write the N ops with the most GPU time (profiled steps) into each measurement's log")
     p.add_argument("--json", default=None, help="also write every measurement to this file (JSON lines)")
     p.add_argument("--workdir", default=None, help="where the synthetic data and run folders go (default: temp)")
     # internal: one measurement in this process
@@ -172,19 +199,25 @@ def main() -> int:
             p.error(f"--variant {text!r}: expected NAME=ROOT[:FLAGS] with ROOT a checkout of this project")
         variants.append((name, root, flags))
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="train_step_"))
+    workdir.mkdir(parents=True, exist_ok=True)
     rows = []
     for config in args.configs:
         for name, root, flags in variants:
             cmd = [sys.executable, __file__, "--config", config, "--root", root, f"--flags={flags}",
                    "--steps", str(args.steps), "--train_images", str(args.train_images),
-                   "--test_images", str(args.test_images),
-                   "--workers", str(args.workers), "--device", args.device, "--workdir", str(workdir)]
+                   "--test_images", str(args.test_images), "--timeout", str(args.timeout),
+                   "--top_ops", str(args.top_ops), "--workers", str(args.workers), "--device", args.device,
+                   "--workdir", str(workdir)]
             path = [str(Path(root).resolve()), *filter(None, [os.environ.get("PYTHONPATH")])]
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            log_path = workdir / f"{config}_{name}.log"
+            with open(log_path, "w") as log_file:  # the measurement's own log, readable while it runs
+                proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=log_file, text=True)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode != 0:
-                print(f"{config} / {name}: failed\n{proc.stderr[-3000:]}", file=sys.stderr, flush=True)
+                tail = log_path.read_text()[-3000:]
+                print(f"{config} / {name}: failed (rc {proc.returncode}; log {log_path})\n{tail}",
+                      file=sys.stderr, flush=True)
             if not lines:
                 continue
             row = {"variant": name, **json.loads(lines[-1][len("RESULT "):])}

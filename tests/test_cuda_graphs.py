@@ -5,7 +5,9 @@ that every mode is warmed up, captured and replayed; what a run changes between 
 warm-up factor, template) must reach the replayed graphs, and their checkpoints resume either way.
 """
 
+import gc
 import shutil
+import weakref
 
 import pytest
 import torch
@@ -22,7 +24,7 @@ FLAGS = ["--dataset", "synthetic", "--imageSize", "64", "--batchSize", "4", "--s
          "--synthetic_test", "4", "--workers", "0", "--device", "cuda", "--eval_every", "100", "--vis_every", "100",
          "--hard", "--bg", "--unmask", "2", "--update_shape", "-1", "--L1", "--ganw", "0", "--lambda_depthC", "0.1",
          "--em", "7", "--em_gap", "1", "--update_bn", "--scheduler", "restart1", "--warm_epoch", "1",
-         "--no-cudnn_benchmark"]
+         "--swa_start", "10", "--no-cudnn_benchmark"]  # (SWA would start at --niter // 2, ending the EM updates)
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +109,17 @@ def test_a_graphed_runs_checkpoint_resumes_with_and_without_graphs(tmp_path, dat
         assert isinstance(group["lr"], float) and not group["capturable"]
         assert all(p.isfinite().all() for p in trainer.encoder.parameters())
     assert not torch.equal(plain.template.verts.cpu(), build_template(plain.opts).verts)  # the EM update ran
+
+
+def test_a_graphed_trainer_is_freed_with_its_last_reference(tmp_path, data_root):
+    # Held in a reference cycle, a trainer outlives its last reference, and so do its loaders'
+    # persistent worker processes, which Python then waits for forever when the process exits.
+    trainer, _ = _steps(tmp_path, data_root, "--cuda_graphs", 12)
+    assert sorted(trainer._graphs.graphs) == [3, 4, 5]
+    freed = weakref.ref(trainer)
+    gc.disable()
+    try:
+        del trainer
+        assert freed() is None
+    finally:
+        gc.enable()

@@ -136,7 +136,7 @@ class Trainer:
                 log.info("--cuda_graphs: off under torchrun (DistributedDataParallel's unused-parameter search "
                          "runs on the host at every step); the step runs eagerly")
             else:
-                self._graphs = _StepGraphs(self._device_step, [self.opt_d, self.opt_e], self.device)
+                self._graphs = _StepGraphs([self.opt_d, self.opt_e], self.device)
 
     # ------------------------------------------------------------------ setup
 
@@ -331,7 +331,7 @@ class Trainer:
         mode = mode_for_iteration(self.opts.update_shape, iteration)
         self._warm_up_factor.fill_(self.warm_up)
         if self._graphs is not None:
-            out = self._graphs.run(mode, images)
+            out = self._graphs.run(self._device_step, mode, images)
         else:
             out = self._device_step(images.to(self.device, non_blocking=True), mode)
         critic_ok, step_ok = torch.stack([out.finite_d, out.finite]).tolist()  # the step's host synchronisation
@@ -746,17 +746,19 @@ class _StepGraphs:
 
     WARM_UP_STEPS = 3  # eager steps per mode before its capture, as in PyTorch's whole-network example
 
-    def __init__(self, step: Callable[[torch.Tensor, int], _StepOutput], optimizers: list[torch.optim.Optimizer],
-                 device: torch.device):
-        self.step, self.device = step, device
+    def __init__(self, optimizers: list[torch.optim.Optimizer], device: torch.device):
+        self.device = device
         self.stream = torch.cuda.Stream(device)
         self.groups = [g for opt in optimizers for g in opt.param_groups]
         self.lrs = [torch.full((), g["lr"], device=device) for g in self.groups]
         self.warm_steps: dict[int, int] = {}
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, _StepOutput]] = {}
 
-    def run(self, mode: int, images: torch.Tensor) -> _StepOutput:
-        """Train one step of `mode` on the (B,4,H,W) host batch `images`; no host synchronisation."""
+    def run(self, step: Callable[[torch.Tensor, int], _StepOutput], mode: int, images: torch.Tensor) -> _StepOutput:
+        """Train one step of `mode` on the (B,4,H,W) host batch `images` with `step` (the trainer's
+        device step, passed at each call rather than kept: a kept bound method would make a reference
+        cycle through the trainer, which then outlives its last reference, and so do its loaders'
+        worker processes, which a process waits for forever when it exits); no host synchronisation."""
         for lr, group in zip(self.lrs, self.groups, strict=True):
             lr.fill_(group["lr"])
         if mode in self.graphs:
@@ -770,12 +772,12 @@ class _StepGraphs:
             if self.warm_steps.get(mode, 0) < self.WARM_UP_STEPS:
                 self.warm_steps[mode] = self.warm_steps.get(mode, 0) + 1
                 with torch.cuda.stream(self.stream):
-                    out = self.step(static_images, mode)
+                    out = step(static_images, mode)
             else:
                 graph = torch.cuda.CUDAGraph()
                 # thread_local: the data loader's pin-memory thread keeps using CUDA during the capture.
                 with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
-                    out = self.step(static_images, mode)
+                    out = step(static_images, mode)
                 self.graphs[mode] = (graph, static_images, out)
                 graph.replay()  # the capture only recorded the step
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
