@@ -18,7 +18,7 @@ dataset of that image size and measures:
 
     python bench/train_step.py                                  # this checkout, three configurations
     python bench/train_step.py --variant before=/path/to/old/checkout --variant after=. \\
-        --variant "channels_last=.:--channels_last"              # versions side by side, one machine
+        --variant "eager=.:--no-cuda_graphs --no-channels_last"  # versions side by side, one machine
     python bench/train_step.py --configs cub --steps 30
 
 A variant is NAME=ROOT[:FLAGS]: the checkout whose code runs, and training flags added to the

@@ -116,6 +116,7 @@ def test_a_graphed_trainer_is_freed_with_its_last_reference(tmp_path, data_root)
     # persistent worker processes, which Python then waits for forever when the process exits.
     trainer, _ = _steps(tmp_path, data_root, "--cuda_graphs", 12)
     assert sorted(trainer._graphs.graphs) == [3, 4, 5]
+    assert trainer.channels_last  # the default on a CUDA device
     freed = weakref.ref(trainer)
     gc.disable()
     try:

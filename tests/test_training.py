@@ -123,6 +123,13 @@ def test_cudnn_benchmark_flag_sets_the_backend_both_ways(tmp_path, data_root, mo
     assert torch.backends.cudnn.benchmark is expected
 
 
+def test_channels_last_defaults_to_the_device(tmp_path, data_root):
+    # On by default for a CUDA device only (tests/test_cuda_graphs.py); on the CPU PyTorch's own layout.
+    trainer = Trainer(parse_options(tiny_args(tmp_path, data_root, "layout_default"), {}))
+    assert trainer.channels_last is False and trainer.opts.cuda_graphs and trainer._graphs is None
+    assert next(trainer.encoder.parameters()).device.type == "cpu"
+
+
 @pytest.mark.parametrize("flags, slow_factor", [((), 0.05), (("--lr_shape_backbone", "0.2"), 0.2),
                                                  (("--lr_shape_backbone", "1"), None)])
 def test_shape_backbone_learning_rate_group(tmp_path, data_root, flags, slow_factor):

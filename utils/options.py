@@ -114,15 +114,16 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
                    help="let cuDNN time its convolution algorithms on each new input shape and keep the fastest, "
                    "as the original did (README: training speed); with --no-cudnn_benchmark cuDNN's heuristic "
                    "picks them, the same in every run")
-    g.add_argument("--channels_last", **bool_flag, default=False,
+    g.add_argument("--channels_last", **bool_flag, default=None,
                    help="keep images, activations and convolution weights in channels-last (NHWC) memory "
                    "layout, the one cuDNN's fast kernels use, instead of converting inside every convolution "
-                   "(README: training speed); the same model and checkpoints, results equal up to rounding")
+                   "(README: training speed); the same model and checkpoints, results equal up to rounding. "
+                   "Default: on for a CUDA device, off on the CPU")
     g.add_argument("--amp", **bool_flag, default=False,
                    help="run the encoders and the critic under bfloat16 autocast (convolutions and matrix products "
                    "in bf16; renderer, losses and optimizer in float32): faster on GPUs, results differ by rounding "
                    "(README: training speed)")
-    g.add_argument("--cuda_graphs", **bool_flag, default=False,
+    g.add_argument("--cuda_graphs", **bool_flag, default=True,
                    help="on a single CUDA device, capture the training step as CUDA graphs (one per encoder freeze "
                    "mode, after 3 eager steps each) and replay them: one launch instead of ~9,000 per step, the same "
                    "kernels and random numbers (README: training speed). Ignored on the CPU and under torchrun")

@@ -91,7 +91,9 @@ class Trainer:
         self.initial_verts = self.template.verts.clone()
         self.encoder = build_encoder(opts, self.template).to(self.device)
         self.critic = build_critic(opts).to(self.device)
-        if opts.channels_last:  # the weights follow; checkpoints hold the same values either way
+        # The memory layout cuDNN's fast kernels use; on the CPU the default keeps PyTorch's own.
+        self.channels_last = opts.channels_last if opts.channels_last is not None else self.device.type == "cuda"
+        if self.channels_last:  # the weights follow; checkpoints hold the same values either way
             self.encoder.to(memory_format=torch.channels_last)
             self.critic.to(memory_format=torch.channels_last)
         self.train_encoder, self.train_critic = self.encoder, self.critic
@@ -346,7 +348,7 @@ class Trainer:
         `_step_unless`), with no host synchronisation and no tensor made from host data, so that it
         can be captured in a CUDA graph. `x` is the (B,4,H,W) batch on the device."""
         o, dev = self.opts, self.device
-        if o.channels_last:
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         batch = x.shape[0]
 
