@@ -1,5 +1,6 @@
 """End-to-end training on a tiny synthetic dataset: smoke runs, resume, interruption, NaN handling."""
 
+import gc
 import importlib.util
 import json
 import math
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -121,6 +123,21 @@ def test_cudnn_benchmark_flag_sets_the_backend_both_ways(tmp_path, data_root, mo
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", not expected)  # restored after the test
     Trainer(parse_options(tiny_args(tmp_path, data_root, "cudnn", *flag), {}))
     assert torch.backends.cudnn.benchmark is expected
+
+
+def test_a_trainer_is_freed_with_its_last_reference(tmp_path, data_root):
+    # Held in a reference cycle, a trainer outlives its last reference, and so do its loaders'
+    # persistent worker processes, which Python then waits for forever when the process exits
+    # (tests/test_cuda_graphs.py checks the same with the step's CUDA graphs).
+    trainer = Trainer(parse_options(tiny_args(tmp_path, data_root, "freed", "--workers", "1"), {}))
+    trainer._step(next(iter(trainer.train_loader))["images"], 0)
+    freed = weakref.ref(trainer)
+    gc.disable()
+    try:
+        del trainer
+        assert freed() is None
+    finally:
+        gc.enable()
 
 
 def test_channels_last_defaults_to_the_device(tmp_path, data_root):
