@@ -3,8 +3,9 @@
 Trains the model's camera encoder (`networks.encoders.CameraEncoder`) directly on the ground-truth
 cameras of a generated cache, the synthetic shapes or the birds (`--dataset`) (L1 on (cos, sin) of the
 azimuth, on the elevation and on the distance, or on the `--targets` chosen) and prints, per epoch,
-its test errors next to those of a constant prediction. The self-supervised model sees no ground truth, so it cannot beat these errors;
-a dataset whose azimuth this encoder cannot learn cannot be used to measure 3-D accuracy. Prints a table; not a test.
+its test errors next to those of a constant prediction. The self-supervised model sees no ground
+truth, so it cannot beat these errors; a dataset whose azimuth this encoder cannot learn cannot be
+used to measure 3-D accuracy. Prints a table; not a test.
 
     python bench/synthetic_camera.py                          # 2048 + 256 images of 64x64, 12 epochs
     python bench/synthetic_camera.py --classes 1 --epochs 30 --device cuda
