@@ -1,6 +1,5 @@
 """End-to-end training on a tiny synthetic dataset: smoke runs, resume, interruption, NaN handling."""
 
-import gc
 import importlib.util
 import json
 import math
@@ -10,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import weakref
 from pathlib import Path
 
 import pytest
@@ -125,19 +123,15 @@ def test_cudnn_benchmark_flag_sets_the_backend_both_ways(tmp_path, data_root, mo
     assert torch.backends.cudnn.benchmark is expected
 
 
-def test_a_trainer_is_freed_with_its_last_reference(tmp_path, data_root):
+def test_a_trainer_is_freed_with_its_last_reference(tmp_path, data_root, freed_at_once):
     # Held in a reference cycle, a trainer outlives its last reference, and so do its loaders'
     # persistent worker processes, which Python then waits for forever when the process exits
     # (tests/test_cuda_graphs.py checks the same with the step's CUDA graphs).
     trainer = Trainer(parse_options(tiny_args(tmp_path, data_root, "freed", "--workers", "1"), {}))
     trainer._step(next(iter(trainer.train_loader))["images"], 0)
-    freed = weakref.ref(trainer)
-    gc.disable()
-    try:
-        del trainer
-        assert freed() is None
-    finally:
-        gc.enable()
+    box = [trainer]
+    del trainer
+    assert freed_at_once(box)
 
 
 def test_channels_last_defaults_to_the_device(tmp_path, data_root):
