@@ -771,8 +771,9 @@ class _StepGraphs:
         static_images = images.to(self.device, non_blocking=True)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with self._device_learning_rates():
-            if self.warm_steps.get(mode, 0) < self.WARM_UP_STEPS:
-                self.warm_steps[mode] = self.warm_steps.get(mode, 0) + 1
+            warmed = self.warm_steps.get(mode, 0)
+            if warmed < self.WARM_UP_STEPS:
+                self.warm_steps[mode] = warmed + 1
                 with torch.cuda.stream(self.stream):
                     out = step(static_images, mode)
             else:
