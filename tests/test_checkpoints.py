@@ -57,6 +57,17 @@ def test_two_generations_and_rng_states_round_trip(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["latest.prev.pt", "latest.pt"]
 
 
+def test_a_save_clears_what_writers_killed_mid_write_or_mid_rotation_left(tmp_path):
+    path = tmp_path / "latest.pt"
+    save_checkpoint(state(1), path)
+    (tmp_path / ".latest.pt.tmp-101").write_bytes(b"half a checkpoint")  # killed inside torch.save
+    os.link(path, tmp_path / ".latest.prev.pt.tmp-102")  # killed between linking and renaming the link
+    (tmp_path / ".other.pt.tmp-103").write_bytes(b"")  # another file's writer: not ours to clear
+    save_checkpoint(state(2), path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pt.tmp-103", "latest.prev.pt", "latest.pt"]
+    assert path.stat().st_nlink == 1 and previous_generation(path).stat().st_nlink == 1  # no old inode held
+
+
 class _TouchesAFile:
     """A pickled object whose loading would create a file (stands for any code a pickle can run)."""
 

@@ -119,8 +119,9 @@ def save_checkpoint(state: dict, path: Path) -> int:
     path = Path(path)
     folder, prev = path.parent, previous_generation(path)
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(f".{path.name}.tmp-*"):  # left by a process killed while writing
-        stale.unlink(missing_ok=True)
+    for name in (path.name, prev.name):  # left by a process killed while writing or linking; a stale
+        for stale in folder.glob(f".{name}.tmp-*"):  # link would keep an old checkpoint's disk space in use
+            stale.unlink(missing_ok=True)
     need = max(tensor_bytes(state) + HEADROOM_BYTES, path.stat().st_size if path.is_file() else 0)
     kept = f"{path} and {prev.name} are unchanged" if prev.is_file() else f"{path} is unchanged"
     free = _free_bytes(folder)
