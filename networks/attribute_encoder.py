@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -94,6 +98,8 @@ class AttributeEncoder(nn.Module):
                                               texture_scratch_blocks)
         self.light_encoder = LightEncoder(nk, norm, coordconv, drop_camera)
         self.background_encoder = BackgroundEncoder(drop_texture) if predict_background else None
+        # Side CUDA streams for the sub-encoders (`run_concurrently`); None: one after the other.
+        self._streams: list[torch.cuda.Stream] | None = None
 
     @property
     def num_verts(self) -> int:
@@ -105,6 +111,17 @@ class AttributeEncoder(nn.Module):
             raise ValueError(f"new template must have shape {tuple(self.template.shape)}, got {tuple(verts.shape)}")
         with torch.no_grad():
             self.template.copy_(verts)
+
+    def run_concurrently(self, enabled: bool) -> None:
+        """On a CUDA device, run the five sub-encoders side by side, each on its own CUDA stream.
+
+        They read the same images and share no parameters, so the results are the same as one after
+        the other; their many small kernels (batch 48 at 128 px fills a fraction of a large GPU) then
+        overlap, and so do their backward passes, which autograd runs on the streams of their forward
+        ops. The model must be on its CUDA device already; a no-op on the CPU.
+        """
+        device = self.template.device
+        self._streams = [torch.cuda.Stream(device) for _ in range(4)] if enabled and device.type == "cuda" else None
 
     def shape_backbone_parameters(self) -> list[nn.Parameter]:
         """Parameters of the shape encoder's backbone (pretrained or from scratch): the original trains
@@ -133,14 +150,39 @@ class AttributeEncoder(nn.Module):
             return _run_frozen(module, *args) if name in frozen else module(*args)
 
         template = self.template
-        azimuth, elevation, distance, offset = run("camera", self.camera_encoder, images, template)
-        delta = run("shape", self.shape_encoder, images, template, self.laplacian)
-        texture = run("texture", self.texture_encoder, images)
-        light = run("light", self.light_encoder, images)
-        background = self.background_encoder(images) if self.background_encoder is not None else None
+        calls = [  # in the order that draws their dropout masks from the random stream
+            partial(run, "camera", self.camera_encoder, images, template),
+            partial(run, "shape", self.shape_encoder, images, template, self.laplacian),
+            partial(run, "texture", self.texture_encoder, images),
+            partial(run, "light", self.light_encoder, images),
+        ]
+        if self.background_encoder is not None:
+            calls.append(partial(self.background_encoder, images))
+        results = _on_streams(calls, self._streams) if self._streams is not None else [call() for call in calls]
+        (azimuth, elevation, distance, offset), delta, texture, light = results[:4]
+        background = results[4] if self.background_encoder is not None else None
         return Attributes(azimuth_deg=azimuth, elevation_deg=elevation, distance=distance, offset=offset,
                           verts=template.unsqueeze(0) + delta, delta_verts=delta, texture=texture, light=light,
                           background=background)
+
+
+def _on_streams(calls: list[Callable[[], Any]], streams: list[torch.cuda.Stream]) -> list[Any]:
+    """Results of `calls`, the first run on the current CUDA stream and each other one on its own stream of
+    `streams`, forked from the current stream and joined back into it (also inside a CUDA graph capture,
+    where the fork and join become the graph's branches)."""
+    current = torch.cuda.current_stream(streams[0].device)
+    side = streams[:len(calls) - 1]
+    for stream in side:  # forked before any call's work: each waits only for what came before the calls
+        stream.wait_stream(current)
+    results = [calls[0]()]
+    for call, stream in zip(calls[1:], side, strict=True):
+        with torch.cuda.stream(stream):
+            results.append(call())
+    for stream, result in zip(side, results[1:], strict=True):
+        current.wait_stream(stream)
+        for tensor in result if isinstance(result, tuple) else (result,):
+            tensor.record_stream(current)  # its memory is not reused on `stream` before the current one is done
+    return results
 
 
 def _run_frozen(module: nn.Module, *args: Tensor):

@@ -126,7 +126,7 @@ def test_cudnn_benchmark_flag_sets_the_backend_both_ways(tmp_path, data_root, mo
 def test_a_trainer_is_freed_with_its_last_reference(tmp_path, data_root, freed_at_once):
     # Held in a reference cycle, a trainer outlives its last reference, and so do its loaders'
     # persistent worker processes, which Python then waits for forever when the process exits
-    # (tests/test_cuda_graphs.py checks the same with the step's CUDA graphs).
+    # (tests/test_cuda_paths.py checks the same with the step's CUDA graphs).
     trainer = Trainer(parse_options(tiny_args(tmp_path, data_root, "freed", "--workers", "1"), {}))
     trainer._step(next(iter(trainer.train_loader))["images"], 0)
     box = [trainer]
@@ -135,9 +135,10 @@ def test_a_trainer_is_freed_with_its_last_reference(tmp_path, data_root, freed_a
 
 
 def test_channels_last_defaults_to_the_device(tmp_path, data_root):
-    # On by default for a CUDA device only (tests/test_cuda_graphs.py); on the CPU PyTorch's own layout.
+    # On by default for a CUDA device only (tests/test_cuda_paths.py); on the CPU PyTorch's own layout.
     trainer = Trainer(parse_options(tiny_args(tmp_path, data_root, "layout_default"), {}))
     assert trainer.channels_last is False and trainer.opts.cuda_graphs and trainer._graphs is None
+    assert trainer.encoder._streams is None  # --concurrent_encoders is for CUDA streams
     assert next(trainer.encoder.parameters()).device.type == "cpu"
 
 

@@ -1,8 +1,10 @@
-"""--cuda_graphs: the training step captured as CUDA graphs learns what the eager step learns (GPU only).
+"""The CUDA-only fast paths (GPU only): they must learn what the plain eager step learns.
 
-Tiny runs of the README's step (the three-mode encoder alternation, --hard, --bg, WGAN-GP) long enough
-that every mode is warmed up, captured and replayed; what a run changes between steps (learning rate,
-warm-up factor, template) must reach the replayed graphs, and their checkpoints resume either way.
+--cuda_graphs: tiny runs of the README's step (the three-mode encoder alternation, --hard, --bg,
+WGAN-GP) long enough that every mode is warmed up, captured and replayed; what a run changes between
+steps (learning rate, warm-up factor, template) must reach the replayed graphs, and their checkpoints
+resume either way. --concurrent_encoders: the sub-encoders on their own CUDA streams compute what they
+compute one after the other, eagerly and inside the graphs.
 """
 
 import shutil
@@ -10,12 +12,13 @@ import shutil
 import pytest
 import torch
 
+from networks.attribute_encoder import FROZEN_BY_MODE
 from utils.model import build_template
 from utils.options import parse_options
 from utils.trainer import Trainer
 from utils.trainer import train as run_training
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 # 72 images at batch 4: 18 steps an epoch, 6 of each encoder mode (3 eager warm-up steps, the capture, replays).
 FLAGS = ["--dataset", "synthetic", "--imageSize", "64", "--batchSize", "4", "--synthetic_train", "72",
@@ -34,8 +37,10 @@ def options(tmp_path, data_root, name, *extra):
     return parse_options([*FLAGS, "--dataroot", data_root, "--log_root", str(tmp_path), "--name", name, *extra], {})
 
 
-def _steps(tmp_path, data_root, flag, count):
-    trainer = Trainer(options(tmp_path, data_root, flag.strip("-"), flag))
+def _steps(tmp_path, data_root, flags, count):
+    """A trainer after `count` steps with `flags` (a flag or a list), and the steps' statistics."""
+    flags = [flags] if isinstance(flags, str) else flags
+    trainer = Trainer(options(tmp_path, data_root, "_".join(f.strip("-") for f in flags), *flags))
     trainer.train_sampler.set_epoch(0, 0)
     batches = [b["images"] for b in trainer.train_loader]
     stats = []
@@ -117,3 +122,52 @@ def test_a_graphed_trainer_is_freed_with_its_last_reference(tmp_path, data_root,
     box = [trainer]
     del trainer
     assert freed_at_once(box)
+
+
+def _encode(encoder, images, mode):
+    """Attributes and parameter gradients of one forward and backward, the dropout masks drawn from seed 0."""
+    torch.manual_seed(0)
+    encoder.zero_grad(set_to_none=True)
+    attrs = encoder(images, mode)
+    outputs = [attrs.azimuth_deg, attrs.elevation_deg, attrs.distance, attrs.offset, attrs.delta_verts,
+               attrs.texture, attrs.light, attrs.background]
+    sum(o.square().mean() for o in outputs if o.requires_grad).backward()
+    grads = [p.grad for p in encoder.parameters()]
+    return [o.detach().clone() for o in outputs], [None if g is None else g.clone() for g in grads]
+
+
+@pytest.mark.parametrize("mode", [0, 4])
+def test_concurrent_sub_encoders_compute_what_sequential_ones_do_on_their_own_streams(tmp_path, data_root, mode):
+    trainer, _ = _steps(tmp_path, data_root, ["--no-cuda_graphs", "--no-concurrent_encoders"], 1)
+    encoder = trainer.encoder
+    images = trainer._last_batch[0].clone()
+    assert encoder._streams is None
+    sequential = _encode(encoder, images, mode)
+    encoder.run_concurrently(True)
+    seen = {}
+    for name in ("camera", "shape", "texture", "light", "background"):
+        module = getattr(encoder, f"{name}_encoder")
+        module.register_forward_pre_hook(lambda m, a, name=name: seen.setdefault(name, torch.cuda.current_stream()))
+    concurrent = _encode(encoder, images, mode)
+    assert seen["camera"] == torch.cuda.current_stream()  # the first keeps the current stream,
+    assert len({seen[k] for k in seen}) == 5  # each other one runs on its own
+    for a, b in zip(sequential[0], concurrent[0], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    trained = 0
+    for a, b in zip(sequential[1], concurrent[1], strict=True):
+        assert (a is None) == (b is None)  # the frozen sub-encoders get no gradient either way
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
+            trained += 1
+    assert 0 < trained < len(sequential[1]) if FROZEN_BY_MODE[mode] else trained == len(sequential[1])
+
+
+def test_graphed_concurrent_steps_track_the_sequential_eager_steps(tmp_path, data_root):
+    eager, eager_stats = _steps(tmp_path, data_root, ["--no-cuda_graphs", "--no-concurrent_encoders"], 18)
+    _, again_stats = _steps(tmp_path, data_root, ["--no-cuda_graphs", "--no-concurrent_encoders"], 18)
+    graphed, graphed_stats = _steps(tmp_path, data_root, ["--cuda_graphs", "--concurrent_encoders"], 18)
+    assert eager.encoder._streams is None and graphed.encoder._streams is not None
+    assert sorted(graphed._graphs.graphs) == [3, 4, 5]
+    for k, value in eager_stats[0].items():  # before any update: the same numbers up to cuDNN's rounding
+        assert graphed_stats[0][k] == pytest.approx(value, rel=1e-4, abs=1e-10), k
+    assert _deviation(eager_stats, graphed_stats) <= 3 * _deviation(eager_stats, again_stats) + 1e-3
