@@ -134,11 +134,11 @@ def test_a_trainer_is_freed_with_its_last_reference(tmp_path, data_root, freed_a
     assert freed_at_once(box)
 
 
-def test_channels_last_defaults_to_the_device(tmp_path, data_root):
+def test_the_cuda_speed_paths_stay_off_on_the_cpu(tmp_path, data_root):
     # On by default for a CUDA device only (tests/test_cuda_paths.py); on the CPU PyTorch's own layout.
-    trainer = Trainer(parse_options(tiny_args(tmp_path, data_root, "layout_default"), {}))
+    trainer = Trainer(parse_options(tiny_args(tmp_path, data_root, "layout_default", "--concurrent_encoders"), {}))
     assert trainer.channels_last is False and trainer.opts.cuda_graphs and trainer._graphs is None
-    assert trainer.encoder._streams is None  # --concurrent_encoders is for CUDA streams
+    assert trainer.encoder._streams is None  # --concurrent_encoders is for CUDA streams: ignored here
     assert next(trainer.encoder.parameters()).device.type == "cpu"
 
 

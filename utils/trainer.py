@@ -97,11 +97,10 @@ class Trainer:
             self.encoder.to(memory_format=torch.channels_last)
             self.critic.to(memory_format=torch.channels_last)
         self.train_encoder, self.train_critic = self.encoder, self.critic
-        concurrent = opts.concurrent_encoders if opts.concurrent_encoders is not None else not self.dist.enabled
-        if concurrent and self.dist.enabled:
+        if opts.concurrent_encoders and self.dist.enabled:
             log.info("--concurrent_encoders: off under torchrun (DistributedDataParallel reduces the gradients "
                      "as one stream's backward produces them)")
-        self.encoder.run_concurrently(concurrent and not self.dist.enabled)
+        self.encoder.run_concurrently(opts.concurrent_encoders and not self.dist.enabled)
         if self.dist.enabled:
             if opts.sync_bn:
                 if self.device.type != "cuda":
