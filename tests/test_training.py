@@ -453,3 +453,19 @@ def test_loader_skips_are_written_to_the_runs_log(tmp_path):
     log_text = (tmp_path / "skips" / "log.txt").read_text()
     assert f"skipped 1 file(s): image without a mask ({stray})" in log_text
     assert "data: 8 train, 8 clean, 4 test images" in log_text
+
+
+@pytest.mark.parametrize("images, batches", [(0, 2), (3, 1), (5, 2), (100, 2)])
+def test_batchnorm_re_estimation_passes_the_set_or_the_batches_that_hold_update_bn_images(
+        tmp_path, data_root, images, batches):
+    # 8 training images at batch 4: a whole pass is 2 batches; a sample is rounded up to whole batches.
+    trainer = Trainer(parse_options(tiny_args(tmp_path, data_root, f"bn{images}", "--update_bn",
+                                              "--update_bn_images", str(images)), {}))
+    trainer._recompute_bn(trainer.encoder)
+    norms = [m for m in trainer.encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(int(m.num_batches_tracked) == batches for m in norms)  # update_bn restarts the count
+
+
+def test_a_negative_update_bn_images_is_refused(tmp_path, data_root):
+    with pytest.raises(ValueError, match="--update_bn_images must be >= 0"):
+        parse_options(tiny_args(tmp_path, data_root, "bn_negative", "--update_bn_images", "-1"), {})

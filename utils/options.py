@@ -242,6 +242,10 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
                    help="reject a template update that flips the z sign of any vertex")
     g.add_argument("--update_bn", **bool_flag, default=False,
                    help="re-estimate the encoders' BatchNorm statistics after each template update")
+    g.add_argument("--update_bn_images", type=int, default=0,
+                   help="with --update_bn: re-estimate from this many training images (whole batches of a "
+                   "shuffled pass, at least one) instead of the whole training set, which the original passes "
+                   "(twice per epoch on CUB); 0: the whole set")
 
     g = p.add_argument_group("loss weights")
     g.add_argument("--lambda_data", type=float, default=1.0, help="image L1 + soft-mask IoU")
@@ -338,6 +342,8 @@ def derive(opts: argparse.Namespace) -> Derived:
         raise ValueError("--lr_shape_backbone is a fraction of --lr and must be >= 0")
     if opts.save_every_min < 0:
         raise ValueError("--save_every_min must be >= 0 (0: checkpoints only at epoch ends)")
+    if opts.update_bn_images < 0:
+        raise ValueError("--update_bn_images must be >= 0 (0: the whole training set)")
     check_image_size(round(opts.ratio * opts.imageSize), opts.imageSize)
     try:
         elev = _range(opts.elev_range, "~")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -595,11 +596,16 @@ class Trainer:
             self.swa.module.set_template(verts)
 
     def _recompute_bn(self, model: torch.nn.Module) -> None:
-        """Re-estimate BatchNorm running statistics over one pass of the training data (train mode)."""
+        """Re-estimate BatchNorm running statistics (train mode) over one pass of the training data, or
+        over the first batches of it that hold --update_bn_images images."""
         was_training = model.training
         model.train()
         self.train_sampler.set_epoch(self.epoch)
-        images = (b["images"].to(self.device) for b in self.train_loader)
+        batches = self.train_sampler.num_batches
+        if self.opts.update_bn_images > 0:
+            per_batch = self.opts.batchSize * self.dist.world_size
+            batches = min(batches, max(1, math.ceil(self.opts.update_bn_images / per_batch)))
+        images = (b["images"].to(self.device) for b in itertools.islice(self.train_loader, batches))
         torch.optim.swa_utils.update_bn(images, _ImagesOnly(model))
         model.train(was_training)
 
