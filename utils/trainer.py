@@ -601,13 +601,18 @@ class Trainer:
         was_training = model.training
         model.train()
         self.train_sampler.set_epoch(self.epoch)
+        batches = (b["images"].to(self.device) for b in itertools.islice(self.train_loader, self.bn_batches))
+        torch.optim.swa_utils.update_bn(batches, _ImagesOnly(model))
+        model.train(was_training)
+
+    @property
+    def bn_batches(self) -> int:
+        """Batches per process that the BatchNorm re-estimation passes (--update_bn_images)."""
         batches = self.train_sampler.num_batches
         if self.opts.update_bn_images > 0:
             per_batch = self.opts.batchSize * self.dist.world_size
             batches = min(batches, max(1, math.ceil(self.opts.update_bn_images / per_batch)))
-        images = (b["images"].to(self.device) for b in itertools.islice(self.train_loader, batches))
-        torch.optim.swa_utils.update_bn(images, _ImagesOnly(model))
-        model.train(was_training)
+        return batches
 
     # ------------------------------------------------------------------ checkpoints
 
