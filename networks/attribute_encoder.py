@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import torch
@@ -98,8 +98,8 @@ class AttributeEncoder(nn.Module):
                                               texture_scratch_blocks)
         self.light_encoder = LightEncoder(nk, norm, coordconv, drop_camera)
         self.background_encoder = BackgroundEncoder(drop_texture) if predict_background else None
-        # Side CUDA streams for the sub-encoders (`run_concurrently`); None: one after the other.
-        self._streams: list[torch.cuda.Stream] | None = None
+        # On CUDA tensors, the sub-encoders run side by side on their own streams (`run_concurrently`).
+        self.concurrent = False
 
     @property
     def num_verts(self) -> int:
@@ -113,15 +113,14 @@ class AttributeEncoder(nn.Module):
             self.template.copy_(verts)
 
     def run_concurrently(self, enabled: bool) -> None:
-        """On a CUDA device, run the five sub-encoders side by side, each on its own CUDA stream.
+        """For CUDA inputs, run the five sub-encoders side by side, each on its own CUDA stream.
 
         They read the same images and share no parameters, so the results are the same as one after
         the other; their many small kernels (batch 48 at 128 px fills a fraction of a large GPU) then
         overlap, and so do their backward passes, which autograd runs on the streams of their forward
-        ops. The model must be on its CUDA device already; a no-op on the CPU.
+        ops. CPU inputs run one after the other either way.
         """
-        device = self.template.device
-        self._streams = [torch.cuda.Stream(device) for _ in range(4)] if enabled and device.type == "cuda" else None
+        self.concurrent = enabled
 
     def shape_backbone_parameters(self) -> list[nn.Parameter]:
         """Parameters of the shape encoder's backbone (pretrained or from scratch): the original trains
@@ -158,7 +157,10 @@ class AttributeEncoder(nn.Module):
         ]
         if self.background_encoder is not None:
             calls.append(partial(self.background_encoder, images))
-        results = _on_streams(calls, self._streams) if self._streams is not None else [call() for call in calls]
+        if self.concurrent and images.is_cuda:
+            results = _on_streams(calls, _side_streams(images.device))
+        else:
+            results = [call() for call in calls]
         (azimuth, elevation, distance, offset), delta, texture, light = results[:4]
         background = results[4] if self.background_encoder is not None else None
         return Attributes(azimuth_deg=azimuth, elevation_deg=elevation, distance=distance, offset=offset,
@@ -166,7 +168,14 @@ class AttributeEncoder(nn.Module):
                           background=background)
 
 
-def _on_streams(calls: list[Callable[[], Any]], streams: list[torch.cuda.Stream]) -> list[Any]:
+@cache
+def _side_streams(device: torch.device) -> tuple[torch.cuda.Stream, ...]:
+    """The sub-encoders' side streams on `device`, made once per process (not per model: a model's deep
+    copy, e.g. the SWA average, shares them)."""
+    return tuple(torch.cuda.Stream(device) for _ in range(4))
+
+
+def _on_streams(calls: list[Callable[[], Any]], streams: tuple[torch.cuda.Stream, ...]) -> list[Any]:
     """Results of `calls`, the first run on the current CUDA stream and each other one on its own stream of
     `streams`, forked from the current stream and joined back into it (also inside a CUDA graph capture,
     where the fork and join become the graph's branches)."""

@@ -141,7 +141,7 @@ def test_concurrent_sub_encoders_compute_what_sequential_ones_do_on_their_own_st
     trainer, _ = _steps(tmp_path, data_root, ["--no-cuda_graphs", "--no-concurrent_encoders"], 1)
     encoder = trainer.encoder
     images = trainer._last_batch[0].clone()
-    assert encoder._streams is None
+    assert not encoder.concurrent
     sequential = _encode(encoder, images, mode)
     encoder.run_concurrently(True)
     seen = {}
@@ -166,7 +166,7 @@ def test_graphed_concurrent_steps_track_the_sequential_eager_steps(tmp_path, dat
     eager, eager_stats = _steps(tmp_path, data_root, ["--no-cuda_graphs", "--no-concurrent_encoders"], 18)
     _, again_stats = _steps(tmp_path, data_root, ["--no-cuda_graphs", "--no-concurrent_encoders"], 18)
     graphed, graphed_stats = _steps(tmp_path, data_root, ["--cuda_graphs", "--concurrent_encoders"], 18)
-    assert eager.encoder._streams is None and graphed.encoder._streams is not None
+    assert not eager.encoder.concurrent and graphed.encoder.concurrent
     assert sorted(graphed._graphs.graphs) == [3, 4, 5]
     for k, value in eager_stats[0].items():  # before any update: the same numbers up to cuDNN's rounding
         assert graphed_stats[0][k] == pytest.approx(value, rel=1e-4, abs=1e-10), k

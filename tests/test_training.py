@@ -138,7 +138,8 @@ def test_the_cuda_speed_paths_stay_off_on_the_cpu(tmp_path, data_root):
     # On by default for a CUDA device only (tests/test_cuda_paths.py); on the CPU PyTorch's own layout.
     trainer = Trainer(parse_options(tiny_args(tmp_path, data_root, "layout_default", "--concurrent_encoders"), {}))
     assert trainer.channels_last is False and trainer.opts.cuda_graphs and trainer._graphs is None
-    assert trainer.encoder._streams is None  # --concurrent_encoders is for CUDA streams: ignored here
+    assert trainer.encoder.concurrent  # asked for; CPU inputs run one after the other all the same:
+    assert trainer._step(next(iter(trainer.train_loader))["images"], 0)  # no CUDA stream is touched
     assert next(trainer.encoder.parameters()).device.type == "cpu"
 
 
