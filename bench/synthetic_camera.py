@@ -53,10 +53,15 @@ def main(argv=None) -> int:
                    help="camera distance range; default: synthetic 3 6, birds 2 7")
     p.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS),
                    help="the camera values the loss supervises (the others are still reported)")
+    p.add_argument("--separate_elevation_head", action="store_true",
+                   help="the elevation from a head of its own (training's --separate_elevation_head)")
     p.add_argument("--epochs", type=int, default=12, help="training epochs")
     p.add_argument("--batch", type=int, default=32, help="batch size")
     p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
-    p.add_argument("--seed", type=int, default=0, help="dataset and initialisation seed")
+    p.add_argument("--seed", type=int, default=0, help="dataset seed, and initialisation seed unless --init_seed")
+    p.add_argument("--init_seed", type=int, default=None,
+                   help="seed of the encoder's initialisation and batch order (default: --seed), for several runs "
+                   "on one dataset")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--root", default=None,
                    help="cache folder (default: a temporary folder); a cache made with the same parameters, e.g. by "
@@ -76,8 +81,11 @@ def main(argv=None) -> int:
             dataset_class = SyntheticDataset
         train, test = (load_split(dataset_class, root, s, args.image_size, args.device) for s in ("train", "test"))
 
+    if args.init_seed is not None:
+        torch.manual_seed(args.init_seed)
     template = Template.icosphere().verts.to(args.device)
-    encoder = CameraEncoder("none", dist_range=dist_range).to(args.device)
+    encoder = CameraEncoder("none", dist_range=dist_range,
+                            separate_elevation_head=args.separate_elevation_head).to(args.device)
     optimizer = torch.optim.Adam(encoder.parameters(), args.lr)
     elev_scale = train["elevation_deg"].std().item()  # puts the three terms on a similar scale
     dist_scale = train["distance"].std().item()
@@ -87,7 +95,8 @@ def main(argv=None) -> int:
         "dist": (test["distance"] - train["distance"].mean()).abs().mean().item(),
     }
     print(f"{args.dataset}: {args.train} train / {args.test} test images of {args.image_size}px, "
-          f"{args.classes} classes, supervising {', '.join(args.targets)}, "
+          f"{args.classes} classes, supervising {', '.join(args.targets)}"
+          f"{' (separate elevation head)' if args.separate_elevation_head else ''}, "
           f"device {args.device}; constant prediction: azimuth ~90, elevation {const['elev']:.2f}, "
           f"distance {const['dist']:.3f}")
     print(f"{'epoch':>5} {'seconds':>8} {'azimuth err':>12} {'mirror err':>11} {'elev err':>9} {'dist err':>9}")

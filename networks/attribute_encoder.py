@@ -71,6 +71,7 @@ class AttributeEncoder(nn.Module):
         drop_texture: dropout of the texture and background encoders (applied halved).
         texture_scratch_blocks: ResBlocks per stage of the from-scratch texture backbone.
         dist_range, elev_range, azi_scope: camera ranges (distance, elevation in degrees, azimuth scope).
+        separate_elevation_head: the camera encoder's elevation from a head of its own (``CameraEncoder``).
     """
 
     def __init__(self, template_verts: Tensor, laplacian: Tensor, height: int, width: int, *,
@@ -80,7 +81,7 @@ class AttributeEncoder(nn.Module):
                  drop_shape: float = 0.0, drop_texture: float = 0.0,
                  texture_scratch_blocks: tuple[int, int, int, int] = SCRATCH_TEXTURE_BLOCKS,
                  dist_range: tuple[float, float] = (2.0, 7.0), elev_range: tuple[float, float] = (0.0, 30.0),
-                 azi_scope: float = 360.0):
+                 azi_scope: float = 360.0, separate_elevation_head: bool = False):
         super().__init__()
         num_verts = template_verts.shape[0]
         if template_verts.shape != (num_verts, 3) or laplacian.shape != (num_verts, num_verts):
@@ -91,7 +92,8 @@ class AttributeEncoder(nn.Module):
         self.register_buffer("template", template_verts.detach().clone())
         self.register_buffer("laplacian", laplacian.detach().clone(), persistent=False)
         self.camera_encoder = CameraEncoder(camera_backbone, pretrained, nk, norm, coordconv, drop_camera,
-                                            dist_range, elev_range, azi_scope, local_features)
+                                            dist_range, elev_range, azi_scope, local_features,
+                                            separate_elevation_head)
         self.shape_encoder = ShapeEncoder(num_verts, shape_backbone, pretrained, nk, norm, coordconv, drop_shape,
                                           local_features)
         self.texture_encoder = TextureEncoder(texture_backbone, pretrained, nk, norm, coordconv, drop_texture,

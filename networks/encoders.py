@@ -233,12 +233,14 @@ class CameraEncoder(nn.Module):
         azi_scope: azimuth range in degrees (360: the full circle).
         local_features: also pool features sampled at the template's vertices (the ``--nolpl``
             ablation turns this off).
+        separate_elevation_head: the elevation from its own head instead of the second output of the
+            distance head (the original's shared head; ``--separate_elevation_head``).
     """
 
     def __init__(self, backbone: str = "none", pretrained: bool = False, nk: int = 5, norm: str = "bn",
                  coordconv: bool = True, droprate: float = 0.0, dist_range: tuple[float, float] = (2.0, 7.0),
                  elev_range: tuple[float, float] = (0.0, 30.0), azi_scope: float = 360.0,
-                 local_features: bool = True):
+                 local_features: bool = True, separate_elevation_head: bool = False):
         super().__init__()
         self.dist_range = _check_range("dist_range", dist_range)
         self.elev_range = _check_range("elev_range", elev_range)
@@ -250,14 +252,18 @@ class CameraEncoder(nn.Module):
         self.local_pool = MMPool((2, 2)) if local_features else None
         in_features = self.backbone.out_channels * 4 * (2 if local_features else 1)
 
-        def head() -> nn.Sequential:
+        def head(outputs: int = 2) -> nn.Sequential:
             layers = nn.Sequential(nn.Linear(in_features, 128), nn.BatchNorm1d(128), nn.Dropout(droprate),
-                                   nn.Linear(128, 2))
+                                   nn.Linear(128, outputs))
             layers.apply(init_weights)
             layers[-1].apply(init_output_layer)
             return layers
 
-        self.dist_elev_head = head()
+        self.separate_elevation_head = separate_elevation_head
+        if separate_elevation_head:
+            self.distance_head, self.elevation_head = head(1), head(1)
+        else:
+            self.dist_elev_head = head()
         self.azimuth_head = head()
         self.offset_head = head()
 
@@ -273,10 +279,14 @@ class CameraEncoder(nn.Module):
 
         # The output mappings run in float32 under bf16 autocast too: in bf16, x / r in the azimuth's
         # acos rounds to 1 and its gradient becomes infinite.
-        dist_elev = torch.sigmoid(self.dist_elev_head(x).float())
+        if self.separate_elevation_head:
+            unit_distance, unit_elevation = (torch.sigmoid(h(x).float())[:, 0]
+                                             for h in (self.distance_head, self.elevation_head))
+        else:
+            unit_distance, unit_elevation = torch.sigmoid(self.dist_elev_head(x).float()).unbind(1)
         (d_min, d_max), (e_min, e_max) = self.dist_range, self.elev_range
-        distance = d_min + dist_elev[:, 0] * (d_max - d_min)
-        elevation = e_min + dist_elev[:, 1] * (e_max - e_min)
+        distance = d_min + unit_distance * (d_max - d_min)
+        elevation = e_min + unit_elevation * (e_max - e_min)
         azimuth_xy = self.azimuth_head(x).float()
         azimuth = azimuth_from_xy(azimuth_xy[:, 0], azimuth_xy[:, 1], self.azi_scope)
         offset = torch.tanh(self.offset_head(x).float())

@@ -233,6 +233,25 @@ def test_camera_encoder_heads_respect_the_ranges(small_template):
     assert torch.allclose(off, torch.tensor([[1.0, -1.0]] * 2))
 
 
+def test_a_separate_elevation_head_gives_the_elevation_alone(small_template):
+    enc = CameraEncoder(dist_range=(2.0, 6.0), elev_range=(-15.0, 15.0), separate_elevation_head=True).eval()
+    assert not hasattr(enc, "dist_elev_head")
+    assert enc.distance_head[-1].out_features == enc.elevation_head[-1].out_features == 1
+    x = images(2, 64, 64)
+    _, el, dist, _ = enc(x, small_template.verts)
+    assert torch.allclose(dist, torch.full((2,), 4.0), atol=0.02) and torch.allclose(el, torch.zeros(2), atol=0.1)
+    with torch.no_grad():
+        enc.distance_head[-1].bias.fill_(50.0)
+        enc.elevation_head[-1].bias.fill_(-50.0)
+    _, el, dist, _ = enc(x, small_template.verts)
+    assert torch.allclose(dist, torch.full((2,), 6.0)) and torch.allclose(el, torch.full((2,), -15.0))
+    enc.train()
+    el = enc(x, small_template.verts)[1]
+    el.sum().backward()  # the elevation reaches the backbone and its own head, never the distance head
+    assert all(p.grad is None for p in enc.distance_head.parameters())
+    assert all(p.grad is not None for p in enc.elevation_head.parameters())
+
+
 def test_camera_encoder_reads_the_template_it_is_given(small_template):
     enc = CameraEncoder().eval()
     with torch.no_grad():

@@ -470,3 +470,16 @@ def test_batchnorm_re_estimation_passes_the_set_or_the_batches_that_hold_update_
 def test_a_negative_update_bn_images_is_refused(tmp_path, data_root):
     with pytest.raises(ValueError, match="--update_bn_images must be >= 0"):
         parse_options(tiny_args(tmp_path, data_root, "bn_negative", "--update_bn_images", "-1"), {})
+
+
+def test_a_separate_elevation_head_is_built_trained_and_resumed(tmp_path, data_root):
+    args = tiny_args(tmp_path, data_root, "elevation_head", "--separate_elevation_head", "--update_shape", "0",
+                     "--warm_epoch", "0")
+    trainer = Trainer(parse_options(args, {}))
+    head = trainer.encoder.camera_encoder.elevation_head[-1].weight
+    before = head.detach().clone()
+    assert trainer._step(next(iter(trainer.train_loader))["images"], 0)
+    assert not torch.equal(head, before)  # it gets gradients from the rendering loss and is stepped
+    trainer._save("latest")
+    resumed = Trainer(parse_options([*args, "--resume"], {}))
+    assert torch.equal(resumed.encoder.camera_encoder.elevation_head[-1].weight, head)

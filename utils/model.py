@@ -64,6 +64,7 @@ def build_encoder(opts: argparse.Namespace, template: Template) -> AttributeEnco
         dist_range=d.dist_range,
         elev_range=d.elev_range,
         azi_scope=opts.azi_scope,
+        separate_elevation_head=opts.separate_elevation_head,
     )
 
 

@@ -190,6 +190,9 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     g.add_argument("--coordconv", **bool_flag, default=True, help="append coordinate channels before selected convs")
     g.add_argument("--nolpl", **bool_flag, default=False,
                    help="ablation: no template-local features in the camera and shape encoders")
+    g.add_argument("--separate_elevation_head", **bool_flag, default=False,
+                   help="predict the camera elevation with a head of its own instead of the distance head's "
+                   "second output (the original's shared head); README: the birds' elevation")
     g.add_argument("--gan_type", choices=("wgan", "lsgan"), default="wgan",
                    help="wgan: single critic with gradient penalty; lsgan: multi-scale least squares")
     g.add_argument("--unmask", type=int, choices=(0, 1, 2), default=0,
