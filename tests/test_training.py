@@ -116,6 +116,17 @@ def test_reusing_a_run_name_needs_resume(tmp_path, data_root):
         run_training(parse_options(tiny_args(tmp_path, data_root, "never-ran", "--resume"), {}))
 
 
+@pytest.mark.parametrize("flag, expected", [((), "highest"), (("--tf32",), "high")])
+def test_tf32_flag_sets_the_matmul_precision_both_ways(tmp_path, data_root, flag, expected):
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")  # neither value: the trainer must set it
+        Trainer(parse_options(tiny_args(tmp_path, data_root, "tf32", *flag), {}))
+        assert torch.get_float32_matmul_precision() == expected
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 @pytest.mark.parametrize("flag, expected", [((), True), (("--no-cudnn_benchmark",), False)])
 def test_cudnn_benchmark_flag_sets_the_backend_both_ways(tmp_path, data_root, monkeypatch, flag, expected):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", not expected)  # restored after the test

@@ -123,6 +123,9 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
                    help="run the encoders and the critic under bfloat16 autocast (convolutions and matrix products "
                    "in bf16; renderer, losses and optimizer in float32): faster on GPUs, results differ by rounding "
                    "(README: training speed)")
+    g.add_argument("--tf32", **bool_flag, default=False,
+                   help="let float32 matrix products (the linear layers) use TF32 tensor cores, as cuDNN's "
+                   "convolutions already do: faster on GPUs, results differ by rounding (README: training speed)")
     g.add_argument("--cuda_graphs", **bool_flag, default=True,
                    help="on a single CUDA device, capture the training step as CUDA graphs (one per encoder freeze "
                    "mode, after 3 eager steps each) and replay them: one launch instead of ~9,000 per step, the same "

@@ -81,6 +81,7 @@ class Trainer:
         self.dist = dist_info or DistInfo()
         self.device = resolve_device(opts.device)
         torch.backends.cudnn.benchmark = opts.cudnn_benchmark  # process-wide, as in the original
+        torch.set_float32_matmul_precision("high" if opts.tf32 else "highest")  # process-wide too
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.run_dir = self.d.run_dir
