@@ -124,7 +124,7 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
                    "in bf16; renderer, losses and optimizer in float32): faster on GPUs, results differ by rounding "
                    "(README: training speed)")
     g.add_argument("--tf32", **bool_flag, default=False,
-                   help="let float32 matrix products (the linear layers) use TF32 tensor cores, as cuDNN's "
+                   help="let float32 matrix products (linear layers, matmul) use TF32 tensor cores, as cuDNN's "
                    "convolutions already do: faster on GPUs, results differ by rounding (README: training speed)")
     g.add_argument("--cuda_graphs", **bool_flag, default=True,
                    help="on a single CUDA device, capture the training step as CUDA graphs (one per encoder freeze "
