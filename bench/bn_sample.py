@@ -58,17 +58,19 @@ def main(argv=None) -> int:
         trainer._load(checkpoint)
         saved = copy.deepcopy(trainer.encoder.state_dict())
 
+        def sync():
+            if trainer.device.type == "cuda":
+                torch.cuda.synchronize()
+
         def measure(images):
             trainer.encoder.load_state_dict(saved)
             seconds = 0.0
             if images is not None:
                 opts.update_bn_images = images
-                if trainer.device.type == "cuda":
-                    torch.cuda.synchronize()
+                sync()
                 start = time.perf_counter()
                 trainer._recompute_bn(trainer.encoder)
-                if trainer.device.type == "cuda":
-                    torch.cuda.synchronize()
+                sync()
                 seconds = time.perf_counter() - start
             metrics = evaluate(trainer.encoder, trainer.test_loader, trainer.template, trainer.d.height,
                                trainer.d.width, trainer.device, initial_verts=trainer.initial_verts)

@@ -100,7 +100,11 @@ class AttributeEncoder(nn.Module):
                                               texture_scratch_blocks)
         self.light_encoder = LightEncoder(nk, norm, coordconv, drop_camera)
         self.background_encoder = BackgroundEncoder(drop_texture) if predict_background else None
-        # On CUDA tensors, the sub-encoders run side by side on their own streams (`run_concurrently`).
+        # For CUDA inputs, run the five sub-encoders side by side, each on its own CUDA stream. They read
+        # the same images and share no parameters, so the results are those of one after the other; their
+        # many small kernels (batch 48 at 128 px fills a fraction of a large GPU) then overlap, and so do
+        # their backward passes, which autograd runs on the streams of their forward ops. CPU inputs run
+        # one after the other either way.
         self.concurrent = False
 
     @property
@@ -113,16 +117,6 @@ class AttributeEncoder(nn.Module):
             raise ValueError(f"new template must have shape {tuple(self.template.shape)}, got {tuple(verts.shape)}")
         with torch.no_grad():
             self.template.copy_(verts)
-
-    def run_concurrently(self, enabled: bool) -> None:
-        """For CUDA inputs, run the five sub-encoders side by side, each on its own CUDA stream.
-
-        They read the same images and share no parameters, so the results are the same as one after
-        the other; their many small kernels (batch 48 at 128 px fills a fraction of a large GPU) then
-        overlap, and so do their backward passes, which autograd runs on the streams of their forward
-        ops. CPU inputs run one after the other either way.
-        """
-        self.concurrent = enabled
 
     def shape_backbone_parameters(self) -> list[nn.Parameter]:
         """Parameters of the shape encoder's backbone (pretrained or from scratch): the original trains

@@ -143,7 +143,7 @@ def test_concurrent_sub_encoders_compute_what_sequential_ones_do_on_their_own_st
     images = trainer._last_batch[0].clone()
     assert not encoder.concurrent
     sequential = _encode(encoder, images, mode)
-    encoder.run_concurrently(True)
+    encoder.concurrent = True
     seen = {}
     for name in ("camera", "shape", "texture", "light", "background"):
         module = getattr(encoder, f"{name}_encoder")

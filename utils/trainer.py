@@ -102,7 +102,7 @@ class Trainer:
         if opts.concurrent_encoders and self.dist.enabled:
             log.info("--concurrent_encoders: off under torchrun (DistributedDataParallel reduces the gradients "
                      "as one stream's backward produces them)")
-        self.encoder.run_concurrently(opts.concurrent_encoders and not self.dist.enabled)
+        self.encoder.concurrent = opts.concurrent_encoders and not self.dist.enabled
         if self.dist.enabled:
             if opts.sync_bn:
                 if self.device.type != "cuda":
