@@ -68,6 +68,18 @@ def test_a_save_clears_what_writers_killed_mid_write_or_mid_rotation_left(tmp_pa
     assert path.stat().st_nlink == 1 and previous_generation(path).stat().st_nlink == 1  # no old inode held
 
 
+def test_a_save_after_a_kill_between_rotating_and_renaming_leaves_no_link(tmp_path):
+    # Killed after `latest.prev.pt` became a link of `latest.pt`, before the new file was renamed in:
+    # the two names are one file, and renaming a link onto it does nothing.
+    path = tmp_path / "latest.pt"
+    save_checkpoint(state(1), path)
+    os.link(path, previous_generation(path))
+    save_checkpoint(state(2), path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.prev.pt", "latest.pt"]
+    assert load_checkpoint(path)["generation"] == 2
+    assert load_checkpoint(previous_generation(path))["generation"] == 1
+
+
 class _TouchesAFile:
     """A pickled object whose loading would create a file (stands for any code a pickle can run)."""
 

@@ -145,6 +145,9 @@ def save_checkpoint(state: dict, path: Path) -> int:
             try:
                 os.link(path, link)
                 os.replace(link, prev)
+                # A rename onto a hard link of the same file does nothing (POSIX), leaving `link`: the case
+                # when a writer was killed after rotating but before renaming its new file into place.
+                link.unlink(missing_ok=True)
             except OSError:  # no hard links on this file system: for a moment only .prev exists
                 link.unlink(missing_ok=True)
                 os.replace(path, prev)
