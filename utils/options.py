@@ -130,11 +130,11 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
                    help="on a single CUDA device, capture the training step as CUDA graphs (one per encoder freeze "
                    "mode, after 3 eager steps each) and replay them: one launch instead of ~9,000 per step, the same "
                    "kernels and random numbers (README: training speed). Ignored on the CPU and under torchrun")
-    g.add_argument("--concurrent_encoders", **bool_flag, default=False,
+    g.add_argument("--concurrent_encoders", **bool_flag, default=True,
                    help="on a single CUDA device, run the five sub-encoders (camera, shape, texture, light, "
                    "background) side by side on their own CUDA streams, forward and backward: the same "
-                   "computation, their small kernels overlap (README: training speed; not yet measured on a GPU, "
-                   "hence off). Ignored on the CPU and under torchrun")
+                   "computation, their small kernels overlap (README: training speed). Ignored on the CPU and "
+                   "under torchrun")
     g.add_argument("--max_bad_steps", type=int, default=5,
                    help="stop with an error after this many consecutive steps skipped for a non-finite loss or "
                    "gradient")
