@@ -22,10 +22,10 @@ import train_market
 from networks import losses
 from utils import checkpoints
 from utils.checkpoints import load_checkpoint
-from utils.cli import EXIT_EXPECTED, run_main
+from utils.cli import EXIT_EXPECTED, RunError, run_main
 from utils.model import build_template
 from utils.options import parse_options
-from utils.trainer import NonFiniteLossError, Trainer, run_log
+from utils.trainer import NonFiniteLossError, Trainer, run_lock, run_log
 from utils.trainer import train as run_training
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,6 +114,38 @@ def test_reusing_a_run_name_needs_resume(tmp_path, data_root):
         run_training(parse_options(args, {}))
     with pytest.raises(FileNotFoundError, match="without --resume"):
         run_training(parse_options(tiny_args(tmp_path, data_root, "never-ran", "--resume"), {}))
+
+
+def test_a_second_job_on_a_run_being_trained_stops_at_once_and_the_run_is_free_afterwards(tmp_path, data_root):
+    args = tiny_args(tmp_path, data_root, "busy", "--niter", "2", "--auto_resume")
+    refused = []
+
+    def start_again(trainer):  # a job script submitted twice: the second starts while the first trains
+        if not refused:
+            with pytest.raises(RunError, match=f"being trained by another job \\(process {os.getpid()} on "):
+                run_training(parse_options(args, {}))
+            refused.append(trainer.global_step)
+
+    first = run_training(parse_options(args, {}), on_step=start_again)
+    assert refused == [1] and first.global_step == 4  # the first job went on undisturbed
+    again = run_training(parse_options([*args[:-3], "--niter", "3", "--auto_resume"], {}))
+    assert again.global_step == 6  # resumed at epoch 2 once the first job had ended
+
+
+def test_a_killed_job_leaves_its_run_free(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from utils.trainer import run_lock\n"
+         "with run_lock(Path(sys.argv[1]), True):\n    print('held', flush=True); time.sleep(60)",
+         str(tmp_path / "run")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(RunError, match=f"process {holder.pid} on "), run_lock(tmp_path / "run", True):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_lock(tmp_path / "run", True):
+        pass
 
 
 @pytest.mark.parametrize("flag, expected", [((), "highest"), (("--tf32",), "high")])

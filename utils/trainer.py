@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import itertools
 import json
 import logging
 import math
+import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -890,13 +893,41 @@ def run_log(run_dir: Path, enabled: bool) -> Iterator[None]:
         handler.close()
 
 
+@contextlib.contextmanager
+def run_lock(run_dir: Path, enabled: bool) -> Iterator[None]:
+    """Hold the run for one job: a second job started on the same run folder (the same --name and
+    --log_root, e.g. a job script submitted twice with --auto_resume) stops at once with a RunError
+    instead of both writing the same checkpoints. The lock is the operating system's (flock on
+    <log_root>/.<name>.lock, which names the holder), so a job killed in any way releases it."""
+    if not enabled:
+        yield
+        return
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.parent / f".{run_dir.name}.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise RunError(f"run {run_dir} is being trained by another job ({f.read().strip() or 'unknown'}); "
+                           "wait for it to end, stop it, or choose another --name") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def train(opts: argparse.Namespace, on_step: Callable[[Trainer], None] | None = None) -> Trainer:
     """Run a whole training job (the entry point of the three training scripts)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     dist_info = init_distributed("cuda" if resolve_device(opts.device).type == "cuda" else "cpu")
     try:
         start = time.time()
-        with run_log(derive(opts).run_dir, dist_info.is_main):
+        run_dir = derive(opts).run_dir
+        with run_lock(run_dir, dist_info.is_main), run_log(run_dir, dist_info.is_main):
             trainer = Trainer(opts, dist_info)
             trainer.fit(on_step)
             if dist_info.is_main:
