@@ -149,7 +149,13 @@ def _record_stream(seen, name, module, args):
 
 
 @pytest.mark.parametrize("mode", [0, 4])
-def test_concurrent_sub_encoders_compute_what_sequential_ones_do_on_their_own_streams(tmp_path, data_root, mode):
+def test_concurrent_sub_encoders_compute_what_sequential_ones_do_on_their_own_streams(tmp_path, data_root, mode,
+                                                                                     monkeypatch):
+    # The backward pass is not bitwise repeatable (atomic additions), and cuDNN's default TF32 convolutions
+    # amplify that: on the H200, two sequential passes of mode 0 gave gradients 1.8e-2 apart (relative
+    # norm of one parameter's difference) with TF32 and 9.6e-6 without; sequential against concurrent
+    # 1.4e-2 and 4.8e-6. Compared in float32, a stream race would be off by far more than 1e-4.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     trainer, _ = _steps(tmp_path, data_root, ["--no-cuda_graphs", "--no-concurrent_encoders"], 1)
     encoder = trainer.encoder
     images = trainer._last_batch[0].clone()
@@ -164,12 +170,12 @@ def test_concurrent_sub_encoders_compute_what_sequential_ones_do_on_their_own_st
     assert seen["camera"] == torch.cuda.current_stream()  # the first keeps the current stream,
     assert len({seen[k] for k in seen}) == 5  # each other one runs on its own
     for a, b in zip(sequential[0], concurrent[0], strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     trained = 0
     for a, b in zip(sequential[1], concurrent[1], strict=True):
         assert (a is None) == (b is None)  # the frozen sub-encoders get no gradient either way
         if a is not None:
-            torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
+            assert (b - a).norm() <= 1e-4 * a.norm()
             trained += 1
     assert 0 < trained < len(sequential[1]) if FROZEN_BY_MODE[mode] else trained == len(sequential[1])
 
