@@ -53,9 +53,10 @@ CONFIGS = {
             "--lr 5.5e-5 --em 7 --update_shape -1 --lambda_data 2 --unmask 2 --lambda_flat 0.01 "
             "--lambda_depthR 0.15 --drop 0.2,0.2,0.2 --beta1 0.95 --clean 0.18,0.26 --em_gap 2 --pretrainc none"),
 }
-# The synthetic preset would switch the backbones to 'none': keep the scripts' (trained from scratch).
+# The synthetic preset would switch the backbones to 'none' and evaluate every 2 epochs: keep the
+# scripts' backbones (trained from scratch) and evaluation schedule (the default, every 20 epochs).
 SYNTHETIC = "--dataset synthetic --pretrains hr18sv2 --pretraint res34 --no-pretrained --threshold 0.01,0.99 " \
-            "--clean_threshold 0.01,0.99"
+            "--clean_threshold 0.01,0.99 --eval_every 20"
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 # A CUDA graph's replay is one launch (cudaGraphLaunch) for all the kernels it holds.
 LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch")
