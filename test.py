@@ -41,6 +41,7 @@ ROWS = [  # (result key, label, format)
     ("azimuth_err_aligned_deg", "azimuth error, frame aligned", "{:.2f}"),
     ("elevation_err_deg", "elevation error (deg)", "{:.2f}"),
     ("distance_err", "distance error", "{:.3f}"),
+    ("distance_err_scaled", "distance error, scale aligned", "{:.3f}"),
     ("offset_err", "look-at offset error", "{:.3f}"),
 ]
 

@@ -4,6 +4,7 @@ and test.py / show_rainbow2.py / demo.py end to end on a checkpoint of a tiny sy
 import importlib.util
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,6 +18,7 @@ from torchvision.models.inception import InceptionA
 
 import demo
 import show_rainbow2
+from networks import Attributes
 from networks.losses import chamfer_distance
 from renderer.mesh import Template
 from renderer.render import render
@@ -29,6 +31,7 @@ from utils.metrics import (
     count_flops,
     count_parameters,
     encoder_complexity,
+    evaluate,
     feature_statistics,
     fid_from_features,
     frame_alignment,
@@ -38,7 +41,7 @@ from utils.metrics import (
     scaled_like,
     ssim,
 )
-from utils.model import load_run
+from utils.model import load_run, render_attributes
 from utils.options import parse_options
 from utils.trainer import train
 from utils.visualization import azimuth_sweep, distance_sweep, elevation_sweep, offset_sweep
@@ -129,6 +132,33 @@ def test_a_turned_object_seen_from_the_turned_azimuth_looks_the_same():
     seen = silhouette(verts, 30.0)
     assert torch.allclose(silhouette(rotate_y(verts, 50.0), 80.0), seen, atol=1e-4)
     assert not torch.allclose(silhouette(verts, 80.0), seen, atol=1e-2)
+
+
+def test_a_larger_object_further_away_looks_the_same_and_its_scale_aligned_distance_error_is_zero():
+    template = Template.icosphere(subdivisions=2)
+    verts = (template.verts * torch.tensor([1.0, 0.8, 0.5])).expand(2, -1, -1)
+    truth = Attributes(azimuth_deg=torch.tensor([30.0, -60.0]), elevation_deg=torch.tensor([20.0, 10.0]),
+                       distance=torch.tensor([3.0, 4.0]), offset=torch.tensor([[0.1, -0.1], [0.0, 0.2]]),
+                       verts=verts, delta_verts=verts - template.verts, texture=torch.full((2, 3, 16, 8), 0.6),
+                       light=torch.zeros(2, 9))
+    # Everything scaled by 2 about the world origin: the object, the camera distance and the look-at point.
+    larger = replace(truth, verts=2 * verts, delta_verts=2 * verts - template.verts, distance=2 * truth.distance,
+                     offset=2 * truth.offset)
+    seen = render_attributes(truth, template, 32, 32)
+    assert torch.allclose(render_attributes(larger, template, 32, 32).silhouette, seen.silhouette, atol=1e-4)
+
+    class PredictsLarger(torch.nn.Module):
+        def forward(self, images, mode):
+            return larger
+
+    batch = {"images": torch.cat([seen.rgb, seen.silhouette], dim=1), "verts": verts,
+             "azimuth_deg": truth.azimuth_deg, "elevation_deg": truth.elevation_deg, "distance": truth.distance,
+             "offset": truth.offset}
+    metrics = evaluate(PredictsLarger(), [batch], template, 32, 32, "cpu")
+    assert metrics["distance_err"] == pytest.approx(3.5)  # (3 + 4) / 2: twice as far
+    assert metrics["distance_err_scaled"] == pytest.approx(0.0, abs=1e-5)  # at the true size, right
+    assert metrics["chamfer_scaled"] == pytest.approx(0.0, abs=1e-10)
+    assert metrics["offset_err"] == pytest.approx(float(truth.offset.norm(dim=1).mean()), rel=1e-5)
 
 
 def test_frame_alignment_finds_the_one_turn_of_the_whole_split():

@@ -101,13 +101,18 @@ def azimuth_error(pred_deg: torch.Tensor, true_deg: torch.Tensor, mirror: bool =
     return err
 
 
+def scale_to(verts: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """(B,) factor that brings centred (B,V,3) `verts` to the RMS radius of centred `reference` (B,N,3)."""
+    def rms(v):
+        return v.pow(2).sum(-1).mean(-1).sqrt()
+
+    return rms(reference) / rms(verts).clamp_min(1e-12)
+
+
 def scaled_like(verts: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Rescale centred (B,V,3) `verts` to the RMS radius of centred `reference` (B,N,3): a single image
     fixes a shape only up to scale (a larger object further away looks the same)."""
-    def rms(v):
-        return v.pow(2).sum(-1).mean(-1).sqrt()[:, None, None]
-
-    return verts * (rms(reference) / rms(verts).clamp_min(1e-12))
+    return verts * scale_to(verts, reference)[:, None, None]
 
 
 def centred(verts: torch.Tensor) -> torch.Tensor:
@@ -351,7 +356,8 @@ def evaluate(encoder, loader, template, height: int, width: int, device, *, ssim
     ground truth (items holding `verts` and camera) `chamfer`, `chamfer_template` (the untrained
     template's Chamfer, for scale), `chamfer_scaled` / `chamfer_template_scaled` (each shape first
     rescaled to the ground truth's RMS radius), `azimuth_err_deg`, `azimuth_err_mirror_deg`,
-    `elevation_err_deg`, `distance_err` and `offset_err` (Euclidean, of the look-at point), and
+    `elevation_err_deg`, `distance_err`, `distance_err_scaled` (the predicted distance times the scale
+    of `chamfer_scaled`, i.e. at the true object size), `offset_err` (Euclidean, of the look-at point), and
     the same after the split's best turn of the predicted frame (see `frame_alignment`).
     """
     def prepare(images: torch.Tensor) -> torch.Tensor:
@@ -393,7 +399,12 @@ def evaluate(encoder, loader, template, height: int, width: int, device, *, ssim
             per_image["azimuth_err_deg"] = azimuth_error(attrs.azimuth_deg, az_true)
             per_image["azimuth_err_mirror_deg"] = azimuth_error(attrs.azimuth_deg, az_true, mirror=True)
             per_image["elevation_err_deg"] = (attrs.elevation_deg - batch["elevation_deg"].to(device)).abs()
-            per_image["distance_err"] = (attrs.distance - batch["distance"].to(device)).abs()
+            true_distance = batch["distance"].to(device)
+            per_image["distance_err"] = (attrs.distance - true_distance).abs()
+            # The object scaled by s about its origin, seen from s times the distance, looks the same:
+            # the distance is only defined together with the size, so also compare it at the true size.
+            scaled_distance = attrs.distance * scale_to(pred_verts, gt_verts)
+            per_image["distance_err_scaled"] = (scaled_distance - true_distance).abs()
             per_image["offset_err"] = (attrs.offset - batch["offset"].to(device)).norm(dim=1)
             frames.append((pred_verts, gt_verts, attrs.azimuth_deg, az_true))
         if inception is not None:
