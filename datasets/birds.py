@@ -44,7 +44,8 @@ Cache layout (CUB's, read by `datasets.cub.CUBDataset`)::
 
 Items are CUB items plus, without augmentation, ``"verts"`` (V, 3) float32 object frame,
 ``"azimuth_deg"``, ``"elevation_deg"``, ``"distance"`` (0-d float32) and ``"offset"`` (2,) float32,
-our camera's parameters (`renderer.camera.camera_transform`). Projecting ``verts`` with ``faces``
+our camera's parameters (`renderer.camera.camera_transform`), and the shared ``"faces"`` (F, 3) int64
+(the evaluation compares sizes on the surface). Projecting ``verts`` with ``faces``
 through that camera reproduces the stored mask (tests/test_birds.py states the bound).
 """
 

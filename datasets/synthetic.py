@@ -412,7 +412,8 @@ class GroundTruthDataset(CUBDataset):
     """A generated CUB-layout cache with a ``gt.npz`` per split, through the CUB loader.
 
     Items are CUB items plus, when ``aug`` is False (augmentation would invalidate them), the rows of
-    ``gt.npz`` named by ``gt_keys``, matched to the image by its stem, as float32 tensors.
+    ``gt.npz`` named by ``gt_keys``, matched to the image by its stem, as float32 tensors, and, where
+    the split's meshes share one topology stored as ``faces`` (the birds), those (F, 3) int64 faces.
 
     Args:
         root, split, image_size, ratio, threshold, aug, bg: as `datasets.cub.CUBDataset`.
@@ -431,12 +432,15 @@ class GroundTruthDataset(CUBDataset):
         gt = np.load(Path(root) / split / GT_FILE)
         self.gt = {key: torch.from_numpy(gt[key]).float() for key in gt_keys}
         self.gt_row = {str(stem): row for row, stem in enumerate(gt["stems"])}
+        self.faces = torch.from_numpy(gt["faces"]).long() if "faces" in gt else None
 
     def load(self, position: int) -> dict:
         item = super().load(position)
         if not self.aug:
             row = self.gt_row[self.samples[position].rgb_path.stem]
             item.update({key: value[row] for key, value in self.gt.items()})
+            if self.faces is not None:
+                item["faces"] = self.faces
         return item
 
 

@@ -176,13 +176,13 @@ def test_loader_items_and_errors(tiny_root, tmp_path):
     torch.testing.assert_close(item["offset"], torch.from_numpy(gt["offset"][row]))
     verts, faces = dataset.mesh(0)
     torch.testing.assert_close(verts, item["verts"])
-    assert torch.equal(faces, torch.from_numpy(gt["faces"]))
+    assert torch.equal(faces, torch.from_numpy(gt["faces"])) and torch.equal(item["faces"], faces)
     # The mask is the stored one; with bg=True the RGB keeps the rendered background.
     assert 0.05 < item["images"][3].mean() < 0.9 and item["images"][:3][:, item["images"][3] == 0].std() > 0.01
     larger = BirdsDataset(tiny_root, "test", image_size=64)[0]  # a resize of the whole frame: same camera
     assert larger["images"].shape == (4, 64, 64) and larger["azimuth_deg"] == item["azimuth_deg"]
     augmented = BirdsDataset(tiny_root, "train", image_size=32, aug=True)[0]
-    assert "verts" not in augmented
+    assert "verts" not in augmented and "faces" not in augmented
     with pytest.raises(ValueError, match="square"):
         BirdsDataset(tiny_root, "test", ratio=2.0)
     with pytest.raises(FileNotFoundError, match="ensure_birds"):

@@ -38,8 +38,10 @@ from utils.metrics import (
     frechet_distance,
     load_fid_inception,
     rotate_y,
+    scale_to,
     scaled_like,
     ssim,
+    surface_radius,
 )
 from utils.model import load_run, render_attributes
 from utils.options import parse_options
@@ -134,7 +136,27 @@ def test_a_turned_object_seen_from_the_turned_azimuth_looks_the_same():
     assert not torch.allclose(silhouette(verts, 80.0), seen, atol=1e-2)
 
 
-def test_a_larger_object_further_away_looks_the_same_and_its_scale_aligned_distance_error_is_zero():
+def test_surface_radius_weighs_the_surface_not_the_vertices():
+    verts = torch.tensor([[x, y, z] for x in (-1.0, 1.0) for y in (-1.0, 1.0) for z in (-1.0, 1.0)])
+    faces = torch.tensor([[0, 2, 6], [0, 6, 4], [1, 5, 7], [1, 7, 3], [0, 4, 5], [0, 5, 1], [2, 3, 7], [2, 7, 6],
+                          [0, 1, 3], [0, 3, 2], [4, 6, 7], [4, 7, 5]])  # two triangles a face of the cube
+    # The surface of the cube [-1, 1]^3: each face holds (4/3 + 4/3 + 4) of squared distance on 4 of area.
+    assert surface_radius(verts[None], faces).item() == pytest.approx((5 / 3) ** 0.5, rel=1e-6)
+    # The same cube with a vertex added at the centre of its +z face (a fan of four triangles there).
+    top = [f for f in faces.tolist() if all(verts[i, 2] > 0 for i in f)]
+    rim = [i for i in range(8) if verts[i, 2] > 0]
+    fan = [[8, a, b] for a, b in [(rim[0], rim[1]), (rim[1], rim[3]), (rim[3], rim[2]), (rim[2], rim[0])]]
+    more = torch.cat([verts, torch.tensor([[0.0, 0.0, 1.0]])])
+    more_faces = torch.tensor([f for f in faces.tolist() if f not in top] + fan)
+    assert surface_radius(more[None], more_faces).item() == pytest.approx((5 / 3) ** 0.5, rel=1e-5)
+    assert surface_radius(2 * more[None], more_faces).item() == pytest.approx(2 * (5 / 3) ** 0.5, rel=1e-5)
+    # Sizes from the surfaces: exactly the factor 2; from the vertices, off (one vertex crowds the centre).
+    assert scale_to(2 * verts[None], more[None], faces, more_faces).item() == pytest.approx(0.5, rel=1e-5)
+    assert scale_to(2 * verts[None], more[None]).item() != pytest.approx(0.5, rel=1e-2)
+
+
+@pytest.mark.parametrize("with_faces", [False, True])
+def test_a_larger_object_further_away_looks_the_same_and_its_scale_aligned_distance_error_is_zero(with_faces):
     template = Template.icosphere(subdivisions=2)
     verts = (template.verts * torch.tensor([1.0, 0.8, 0.5])).expand(2, -1, -1)
     truth = Attributes(azimuth_deg=torch.tensor([30.0, -60.0]), elevation_deg=torch.tensor([20.0, 10.0]),
@@ -154,6 +176,8 @@ def test_a_larger_object_further_away_looks_the_same_and_its_scale_aligned_dista
     batch = {"images": torch.cat([seen.rgb, seen.silhouette], dim=1), "verts": verts,
              "azimuth_deg": truth.azimuth_deg, "elevation_deg": truth.elevation_deg, "distance": truth.distance,
              "offset": truth.offset}
+    if with_faces:  # as the birds' items carry them: sizes compared on the surfaces
+        batch["faces"] = template.faces.expand(2, -1, -1)
     metrics = evaluate(PredictsLarger(), [batch], template, 32, 32, "cpu")
     assert metrics["distance_err"] == pytest.approx(3.5)  # (3 + 4) / 2: twice as far
     assert metrics["distance_err_scaled"] == pytest.approx(0.0, abs=1e-5)  # at the true size, right

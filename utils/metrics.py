@@ -101,18 +101,39 @@ def azimuth_error(pred_deg: torch.Tensor, true_deg: torch.Tensor, mirror: bool =
     return err
 
 
-def scale_to(verts: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """(B,) factor that brings centred (B,V,3) `verts` to the RMS radius of centred `reference` (B,N,3)."""
+def surface_radius(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """(B,) root-mean-square distance of the surfaces of meshes (B,V,3) with faces (F,3) from their
+    centroids, every point of the surface weighted alike (exact: a triangle with corners a, b, c and
+    area A holds A (a.a + b.b + c.c + a.b + b.c + c.a) / 6 of the squared distance to the origin).
+    Unlike the RMS radius of the vertices, it does not depend on how the vertices spread over the surface."""
+    a, b, c = (verts[:, faces[:, k]] for k in range(3))
+    area = 0.5 * torch.linalg.cross(b - a, c - a, dim=-1).norm(dim=-1)
+    total = area.sum(-1).clamp_min(1e-30)
+    centroid = (area[..., None] * (a + b + c)).sum(1) / (3 * total[:, None])
+    a, b, c = (p - centroid[:, None] for p in (a, b, c))
+    second = (a * a + b * b + c * c + a * b + b * c + c * a).sum(-1) / 6
+    return ((area * second).sum(-1) / total).sqrt()
+
+
+def scale_to(verts: torch.Tensor, reference: torch.Tensor, faces: torch.Tensor | None = None,
+             reference_faces: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) factor that brings centred (B,V,3) `verts` to the size of centred `reference` (B,N,3): of their
+    surfaces (`surface_radius`) when both meshes' faces are given, else of their vertices (RMS radius,
+    which equals the surfaces' only when the vertices spread alike: true of meshes of one topology)."""
+    if faces is not None and reference_faces is not None:
+        return surface_radius(reference, reference_faces) / surface_radius(verts, faces).clamp_min(1e-12)
+
     def rms(v):
         return v.pow(2).sum(-1).mean(-1).sqrt()
 
     return rms(reference) / rms(verts).clamp_min(1e-12)
 
 
-def scaled_like(verts: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Rescale centred (B,V,3) `verts` to the RMS radius of centred `reference` (B,N,3): a single image
-    fixes a shape only up to scale (a larger object further away looks the same)."""
-    return verts * scale_to(verts, reference)[:, None, None]
+def scaled_like(verts: torch.Tensor, reference: torch.Tensor, faces: torch.Tensor | None = None,
+                reference_faces: torch.Tensor | None = None) -> torch.Tensor:
+    """Rescale centred (B,V,3) `verts` to the size of centred `reference` (B,N,3) (see `scale_to`): a
+    single image fixes a shape only up to scale (a larger object further away looks the same)."""
+    return verts * scale_to(verts, reference, faces, reference_faces)[:, None, None]
 
 
 def centred(verts: torch.Tensor) -> torch.Tensor:
@@ -132,7 +153,8 @@ FRAME_STEP_DEG = 5.0
 
 
 def frame_alignment(pred_verts: torch.Tensor, gt_verts: torch.Tensor, pred_azimuth_deg: torch.Tensor,
-                    gt_azimuth_deg: torch.Tensor, chunk: int = 64) -> dict[str, float]:
+                    gt_azimuth_deg: torch.Tensor, scale: torch.Tensor | None = None,
+                    chunk: int = 64) -> dict[str, float]:
     """Metrics after the one turn about y, shared by all images, that best maps the predicted object
     frame onto the ground truth's.
 
@@ -142,7 +164,9 @@ def frame_alignment(pred_verts: torch.Tensor, gt_verts: torch.Tensor, pred_azimu
     and the predicted azimuths are read as `a - t`. Per-image alignment would hide a wrong camera;
     a single turn cannot.
 
-    Args: centred (N,V,3) predicted and (N,M,3) ground-truth vertices, (N,) azimuths in degrees.
+    Args: centred (N,V,3) predicted and (N,M,3) ground-truth vertices, (N,) azimuths in degrees, and
+        the (N,) factors that bring each prediction to its ground truth's size (default: `scale_to` of
+        the vertices).
 
     Returns `frame_turn_deg` (t), `chamfer_aligned`, `chamfer_scaled_aligned`, `azimuth_err_aligned_deg`.
     """
@@ -153,7 +177,9 @@ def frame_alignment(pred_verts: torch.Tensor, gt_verts: torch.Tensor, pred_azimu
                                             per_sample=True).sum())
         return total / verts.shape[0]
 
-    scaled = scaled_like(pred_verts, gt_verts)  # a turn about the centre keeps the RMS radius
+    if scale is None:
+        scale = scale_to(pred_verts, gt_verts)
+    scaled = pred_verts * scale[:, None, None]  # a turn about the centre keeps the size
     turns = [k * FRAME_STEP_DEG for k in range(round(360 / FRAME_STEP_DEG))]
     turn = min(turns, key=lambda t: mean_chamfer(rotate_y(scaled, -t)))
     return {
@@ -355,7 +381,8 @@ def evaluate(encoder, loader, template, height: int, width: int, device, *, ssim
     Returns a dict with `mask_iou` and `ssim` (+ `ssim_x<k>`, FIDs as asked), plus for data with
     ground truth (items holding `verts` and camera) `chamfer`, `chamfer_template` (the untrained
     template's Chamfer, for scale), `chamfer_scaled` / `chamfer_template_scaled` (each shape first
-    rescaled to the ground truth's RMS radius), `azimuth_err_deg`, `azimuth_err_mirror_deg`,
+    rescaled to the ground truth's size, see `scale_to`: of the surfaces when items carry the ground
+    truth's `faces`), `azimuth_err_deg`, `azimuth_err_mirror_deg`,
     `elevation_err_deg`, `distance_err`, `distance_err_scaled` (the predicted distance times the scale
     of `chamfer_scaled`, i.e. at the true object size), `offset_err` (Euclidean, of the look-at point), and
     the same after the split's best turn of the predicted frame (see `frame_alignment`).
@@ -389,12 +416,16 @@ def evaluate(encoder, loader, template, height: int, width: int, device, *, ssim
             pred_verts = centred(attrs.verts)
             start = template.verts if initial_verts is None else initial_verts.to(device)
             init = centred(start).expand_as(pred_verts)
+            # The sizes are compared on the surfaces where the ground truth has faces (the birds, whose
+            # vertices crowd at the beak and tail), else on the vertices.
+            gt_faces = batch["faces"][0].to(device).long() if "faces" in batch else None
+            scale = scale_to(pred_verts, gt_verts, template.faces, gt_faces)
             per_image["chamfer"] = chamfer_distance(pred_verts, gt_verts, per_sample=True)
             per_image["chamfer_template"] = chamfer_distance(init, gt_verts, per_sample=True)
-            per_image["chamfer_scaled"] = chamfer_distance(scaled_like(pred_verts, gt_verts), gt_verts,
+            per_image["chamfer_scaled"] = chamfer_distance(pred_verts * scale[:, None, None], gt_verts,
                                                            per_sample=True)
-            per_image["chamfer_template_scaled"] = chamfer_distance(scaled_like(init, gt_verts), gt_verts,
-                                                                    per_sample=True)
+            per_image["chamfer_template_scaled"] = chamfer_distance(
+                scaled_like(init, gt_verts, template.faces, gt_faces), gt_verts, per_sample=True)
             az_true = batch["azimuth_deg"].to(device).float()
             per_image["azimuth_err_deg"] = azimuth_error(attrs.azimuth_deg, az_true)
             per_image["azimuth_err_mirror_deg"] = azimuth_error(attrs.azimuth_deg, az_true, mirror=True)
@@ -403,10 +434,10 @@ def evaluate(encoder, loader, template, height: int, width: int, device, *, ssim
             per_image["distance_err"] = (attrs.distance - true_distance).abs()
             # The object scaled by s about its origin, seen from s times the distance, looks the same:
             # the distance is only defined together with the size, so also compare it at the true size.
-            scaled_distance = attrs.distance * scale_to(pred_verts, gt_verts)
+            scaled_distance = attrs.distance * scale
             per_image["distance_err_scaled"] = (scaled_distance - true_distance).abs()
             per_image["offset_err"] = (attrs.offset - batch["offset"].to(device)).norm(dim=1)
-            frames.append((pred_verts, gt_verts, attrs.azimuth_deg, az_true))
+            frames.append((pred_verts, gt_verts, attrs.azimuth_deg, az_true, scale))
         if inception is not None:
             views = {"real": gt_rgb, "recon": pred_rgb}
             views.update((name, prepare(images)) for name, images in
